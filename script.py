@@ -23,13 +23,20 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out of the logs.
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import math
 import platform
 import re
+import shutil
+import signal
 import sys
 import threading
+import tempfile
 import time
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -45,10 +52,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 # ============================================================================================== config
 # Plain defaults. Each is also a command-line option; in a notebook, edit them here or set sys.argv.
 
-DATA_DIR = "."  # The folder with train.csv, test.csv and the images they name.
-OUTPUT_DIR = "."  # Where submission.csv, model.keras and the logs are written.
+DATA_DIR = None  # The folder with train.csv, test.csv and their images. None: ".", or on Kaggle what is attached.
+OUTPUT_DIR = None  # Where submission.csv, model.keras and the logs go. None: ".", or /kaggle/working on Kaggle.
 IMAGE_SIZE = 224  # Pixels; every image is resized to IMAGE_SIZE × IMAGE_SIZE.
-BATCH_SIZE = 32  # Images per step.
+BATCH_SIZE = 32  # Images per step on each device (replica).
 EPOCHS = 5  # Phase 1 epochs: the ResNet50 base is frozen and only the head learns.
 FINE_TUNE_EPOCHS = 3  # Phase 2 epochs: the last FINE_TUNE_LAYERS base layers learn too. 0 skips phase 2.
 LEARNING_RATE = 1e-3  # Adam, phase 1.
@@ -59,6 +66,8 @@ VAL_FRACTION = 0.2  # Share of training rows held out for validation (whole stud
 FOLDS = 1  # K > 1: K models on grouped, stratified folds, out-of-fold predictions, test averaged over folds.
 SEED = 42  # Makes splits, augmentation and initialisation repeatable.
 WORKERS = os.cpu_count() or 1  # Threads that read and augment images in parallel.
+STRATEGY = "auto"  # auto | default | mirrored | multiworker | tpu: how training spreads over devices.
+PRECISION = "auto"  # auto | float32 | mixed: mixed precision where it pays (GPUs), float32 elsewhere.
 
 # The seed's ImageDataGenerator augmentation, applied to training batches only.
 # shear_range is in degrees in ImageDataGenerator, so 0.2 is a very light shear; kept for fidelity.
@@ -71,6 +80,19 @@ AUGMENTATION = dict(
     horizontal_flip=True,
     fill_mode="nearest",
 )
+
+# prepare: crops cut from the competition DICOMs.
+# 48 mm covers one disc level with context: the disc (about 10 mm tall) plus roughly half of the
+# vertebral bodies above and below it on sagittal slices, and on axial slices the whole spinal
+# canal (15-25 mm wide) with both subarticular recesses and the facet joints.
+PREPARE_CROP_MM = 48.0
+# 128 pixels over 48 mm is 0.375 mm per pixel, about the finest in-plane spacing of lumbar MRI
+# (typically 0.3-0.8 mm), so no detail is lost, while ~49,000 three-channel crops take about
+# 1 GB of PNG files (15-20 KiB each).
+PREPARE_CROP_PIXELS = 128
+# Percentiles that set each series' 8-bit window: robust to the few very bright fat or fluid
+# pixels and to the empty background, unlike the raw minimum and maximum.
+WINDOW_PERCENTILES = (1.0, 99.5)
 
 # Facts about the task. Each is defined once; everything else derives from these.
 CLASS_NAMES = ("normal_mild", "moderate", "severe")  # Label and submission columns, in order.
@@ -93,7 +115,9 @@ CONDITION_GROUPS = {
 }
 STUDY_PATTERN = re.compile(r"^(\d+)_")  # Row ids like 4003253_spinal_canal_stenosis_l1_l2 name their study.
 IMAGENET_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-KAGGLE_INPUT = Path("/kaggle/input")
+RESNET50_PARAMETERS = 23_587_712  # ResNet50 without its top, for the disk-space estimate.
+RESNET50_TOP_LAYER_PARAMETERS = 4_459_520  # The three conv layers fine-tuning unfreezes (conv5_block3_*).
+KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # Kaggle's folders; tests point this elsewhere.
 TRAIN_COLUMNS = ("row_id", "image_path", *CLASS_NAMES)
 TEST_COLUMNS = ("row_id", "image_path")
 SUBMISSION_COLUMNS = ("row_id", *CLASS_NAMES)
@@ -123,12 +147,19 @@ def read_csv(path):
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found. Check the path (for train/test files, --data-dir).")
+        raise InputError(f"{path}: file not found. Check the folder given on the command line.")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        # index_col=False: a trailing comma on every data row must not turn row_id into the index.
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
+        # pandas renames a repeated header ("severe", "severe.1"), so the names are read again as written.
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
         raise InputError(f"{path}: cannot be read as a UTF-8 CSV ({error}).") from None
-    frame.columns = [str(column).strip() for column in frame.columns]
+    names = [str(name).strip() for name in header.iloc[0]]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{path}: column(s) {', '.join(repeated)} appear more than once. Keep one of each.")
+    frame.columns = names
     return frame
 
 
@@ -181,26 +212,36 @@ def resolve_image_paths(data_dir, frame):
     return [str(data_dir / path) if path.strip() else None for path in frame["image_path"]]
 
 
-def refuse_bad_images(path, frame, image_paths):
-    """Check every image up front, cheaply: the file exists and OpenCV recognises its header."""
-    missing, unreadable = [], []
-    for row_id, image_path in zip(frame["row_id"], image_paths):
-        if image_path is None:
-            continue
-        if not os.path.isfile(image_path):
-            missing.append(f"{row_id} ({image_path})")
-        elif os.path.getsize(image_path) == 0 or not cv2.haveImageReader(image_path):
-            unreadable.append(f"{row_id} ({image_path})")
-    problems = [f"missing: {list_some(missing)}"] if missing else []
-    problems += [f"not a readable image: {list_some(unreadable)}"] if unreadable else []
-    if problems:
-        raise InputError(
-            f"{path}: {len(missing) + len(unreadable)} image(s) cannot be used; "
-            f"{'; '.join(problems)}. Restore the files or fix the image_path column."
-        )
+def image_problem(image_path):
+    """Why an image cannot be used ("missing", "not a readable image"), or None. Cheap: reads the header only."""
+    if image_path is None:  # No image on purpose (test rows only).
+        return None
+    if not os.path.isfile(image_path):
+        return "missing"
+    if os.path.getsize(image_path) == 0 or not cv2.haveImageReader(image_path):
+        return "not a readable image"
+    return None
 
 
-def load_train_table(data_dir):
+def check_images(path, frame, image_paths, skip_bad_images=False):
+    """Check every image up front. Bad ones are refused, naming them, or with skip_bad_images dropped and counted.
+
+    Returns the mask of rows to keep.
+    """
+    problems = pd.Series([image_problem(image_path) for image_path in image_paths], dtype=object)
+    bad = problems.notna().to_numpy()
+    if not bad.any():
+        return ~bad
+    described = [f"{row_id} ({image_path}: {problem})"
+                 for row_id, image_path, problem in zip(frame["row_id"][bad], np.array(image_paths, object)[bad], problems[bad])]
+    if skip_bad_images:
+        print(f"{path.name}: --skip-bad-images: dropped {int(bad.sum())} row(s) whose image cannot be used: {list_some(described)}")
+        return ~bad
+    raise InputError(f"{path}: {int(bad.sum())} image(s) cannot be used: {list_some(described)}. "
+                     "Restore the files or fix the image_path column (or pass --skip-bad-images for training rows).")
+
+
+def load_train_table(data_dir, skip_bad_images=False):
     """train.csv with validated one-hot labels and images; rows whose labels are all blank are dropped."""
     path = data_dir / "train.csv"
     frame = read_table(path, TRAIN_COLUMNS)
@@ -208,25 +249,33 @@ def load_train_table(data_dir):
     labelled = ~np.isnan(labels).any(axis=1)
     if not labelled.all():
         print(f"train.csv: dropped {int((~labelled).sum())} row(s) whose labels are all blank.")
-    frame = frame[labelled].reset_index(drop=True)
-    if frame.empty:
-        raise InputError(f"{path}: no labelled rows. Each row needs a one-hot label.")
+    frame, labels = frame[labelled].reset_index(drop=True), labels[labelled]
+    groups = condition_groups(frame["row_id"]).to_numpy()
+    if (groups == "").any() and (groups != "").any():  # Refused now, not after hours of training, at scoring.
+        raise InputError(f"{path}: row_id(s) {list_some(frame['row_id'][groups == ''])} name none of the conditions "
+                         "while the others do; the metric cannot score such a mix. Use one kind of row_id throughout.")
     no_image = frame["row_id"][frame["image_path"].str.strip() == ""]
     if len(no_image):
         raise InputError(f"{path}: empty image_path for row_id {list_some(no_image)}. Training rows need an image.")
     image_paths = resolve_image_paths(data_dir, frame)
-    refuse_bad_images(path, frame, image_paths)
-    return pd.DataFrame(
-        {"row_id": frame["row_id"], "image_path": image_paths, "label": labels[labelled].argmax(axis=1)}
-    )
+    keep = check_images(path, frame, image_paths, skip_bad_images)
+    if not keep.any():
+        raise InputError(f"{path}: no usable labelled rows. Each row needs a one-hot label and an image.")
+    table = pd.DataFrame({"row_id": frame["row_id"], "image_path": image_paths, "label": labels.argmax(axis=1)})
+    return table[keep].reset_index(drop=True)
 
 
 def load_test_table(data_dir):
-    """test.csv with validated images. An empty image_path means "no image" on purpose (a constant is used)."""
+    """test.csv with validated images; every row is kept, since a submission must be complete.
+
+    An empty image_path means "no image" on purpose: that row gets its location's best constant.
+    """
     path = data_dir / "test.csv"
     frame = read_table(path, TEST_COLUMNS)
+    if frame.empty:
+        raise InputError(f"{path}: no rows. List the row_ids to predict.")
     image_paths = resolve_image_paths(data_dir, frame)
-    refuse_bad_images(path, frame, image_paths)
+    check_images(path, frame, image_paths)
     return pd.DataFrame({"row_id": frame["row_id"], "image_path": image_paths})
 
 
@@ -297,6 +346,9 @@ def split_folds(table, folds, val_fraction, seed):
             f"train.csv: {len(set(groups))} studies cannot be split into {splits} folds. "
             "Use fewer folds or a larger --val-fraction."
         )
+    if np.bincount(table["label"]).max() < splits:
+        raise InputError(f"train.csv: every class has fewer than {splits} rows, too few to stratify {splits} folds. "
+                         "Add rows, use fewer folds or a larger --val-fraction.")
     splitter = StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed)
     pairs = list(splitter.split(np.zeros(len(table)), table["label"], groups))
     return pairs if folds > 1 else pairs[:1]
@@ -316,12 +368,12 @@ def read_image(path, image_size):
         raise UnreadableImageError(f"{path}: cannot be decoded. Restore or replace the file, then run again.")
     # Scale by the type's full range, so a 16-bit image maps onto the same 0-255 scale as an 8-bit one.
     scale = 255.0 / np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 255.0
+    image = image.astype(np.float32) * np.float32(scale)  # Before resizing, so nothing is rounded to integers.
     height, width = image.shape[:2]
     shrinking = height * width > image_size * image_size
     image = cv2.resize(
         image, (image_size, image_size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     )
-    image = image.astype(np.float32) * np.float32(scale)
     channels = 1 if image.ndim == 2 else image.shape[2]
     conversion = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}[channels]
     return cv2.cvtColor(image, conversion)
@@ -380,33 +432,44 @@ class ImageBatches(keras.utils.PyDataset):
 
     Yields (images,) for prediction, or (images, one-hot labels, sample weights) for training and validation.
     Training batches are shuffled and augmented, differently each epoch but repeatably from `seed`.
+    An image that cannot be decoded is remembered in `failed_path` (so the caller can name it) and stops the
+    run, unless `skip_bad_images` is set: then its row is left out of the batch and counted in `skipped`.
     """
 
-    def __init__(self, image_paths, image_size, batch_size, labels=None, class_weights=None,
-                 augment=False, seed=0, workers=1):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * max(workers, 1))
+    def __init__(self, image_paths, image_size, batch_size, labels=None, class_weights=LABEL_WEIGHTS,
+                 augment=False, seed=0, workers=1, skip_bad_images=False):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
         self.image_paths = list(image_paths)
         self.image_size = image_size
         self.batch_size = batch_size
         self.labels = None if labels is None else np.asarray(labels)
-        self.class_weights = np.asarray(class_weights if class_weights is not None else LABEL_WEIGHTS, np.float32)
+        self.class_weights = np.asarray(class_weights, np.float32)
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
-        self.order = self.epoch_order()
+        self.skip_bad_images = skip_bad_images
+        self.skipped = set()
+        self.failed_path = None
+        self.start_epoch(0)
 
-    def epoch_order(self):
-        """Training rows are visited in a fresh, seeded order every epoch."""
-        if not self.augment:
-            return np.arange(len(self.image_paths))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.image_paths))
+    def start_epoch(self, epoch):
+        """Set the epoch (a resumed run starts mid-way); training rows get a fresh, seeded order each epoch."""
+        self.epoch = epoch
+        count = len(self.image_paths)
+        self.order = np.random.default_rng([self.seed, epoch]).permutation(count) if self.augment else np.arange(count)
 
     def __len__(self):
         return math.ceil(len(self.image_paths) / self.batch_size)
 
     def load(self, row):
-        """One preprocessed-to-be image; augmented with a seed unique to (seed, epoch, row)."""
-        image = read_image(self.image_paths[row], self.image_size)
+        """One image, augmented with a seed unique to (seed, epoch, row); None for a skipped bad image."""
+        try:
+            image = read_image(self.image_paths[row], self.image_size)
+        except UnreadableImageError:
+            if not self.skip_bad_images:
+                self.failed_path = self.image_paths[row]
+                raise
+            self.skipped.add(self.image_paths[row])
+            return None
         if self.augment:
             seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0])
             image = apply_transform(image, random_transform(image.shape, seed))
@@ -414,7 +477,9 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = keras.applications.resnet50.preprocess_input(np.stack([self.load(row) for row in rows]))
+        images = [self.load(row) for row in rows]
+        rows = [row for row, image in zip(rows, images) if image is not None]
+        images = keras.applications.resnet50.preprocess_input(np.stack([image for image in images if image is not None]))
         if self.labels is None:
             return (images,)
         labels = self.labels[rows]
@@ -422,8 +487,375 @@ class ImageBatches(keras.utils.PyDataset):
         return images, one_hot, self.class_weights[labels]
 
     def on_epoch_end(self):
-        self.epoch += 1
-        self.order = self.epoch_order()
+        self.start_epoch(self.epoch + 1)
+
+
+# ----------------------------------------------------------------- competition data (prepare)
+# Turns the competition's DICOM layout into the seed layout: one 2.5D crop per labelled (study, condition,
+# level) and a CSV naming it. The CSV joins are plain pandas and need no images, so they can be checked on the
+# real CSVs alone; the pixel work is per series.
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One requested crop: which instance, where on it, and where the PNG goes."""
+
+    row_id: str
+    instance_number: int
+    x: float
+    y: float
+    output_path: Path
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """All crops requested from one series, so each slice is read and windowed once."""
+
+    series_dir: Path
+    crops: tuple
+
+
+@dataclass
+class SeriesResult:
+    """What happened to one series' crops, for the summary."""
+
+    written: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+    missing_files: list = field(default_factory=list)
+    undecodable_files: list = field(default_factory=list)
+
+
+def read_competition_csv(path, columns):
+    """A competition CSV, every cell as text, that has the given columns."""
+    frame = read_csv(path)
+    require_columns(path, frame, columns)
+    return frame
+
+
+def snake_case(names):
+    """Turn 'Spinal Canal Stenosis' or 'L1/L2' into 'spinal_canal_stenosis' or 'l1_l2'."""
+    return names.str.strip().str.lower().str.replace(r"[\s/]+", "_", regex=True)
+
+
+def read_coordinates(path):
+    """Label coordinates as row_id, study_id, series_id, instance_number, x and y; one point per row_id.
+
+    Accepts the competition's spelling of condition and level as well as snake_case.
+    """
+    columns = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    coordinates = read_competition_csv(path, columns)
+    condition, level = snake_case(coordinates["condition"]), snake_case(coordinates["level"])
+    for names, known, column in ((condition, CONDITIONS, "condition"), (level, LEVELS, "level")):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise InputError(f"{path}: unknown {column} {list_some(unknown, limit=5)}. Expected: {', '.join(known)}.")
+    try:
+        numbers = coordinates[["instance_number", "x", "y"]].apply(pd.to_numeric)
+    except ValueError as error:
+        raise InputError(f"{path}: instance_number, x and y must be numbers ({error}).") from None
+    study_id, series_id = coordinates["study_id"].str.strip(), coordinates["series_id"].str.strip()
+    coordinates = pd.DataFrame(
+        {
+            "row_id": study_id + "_" + condition + "_" + level,
+            "study_id": study_id,
+            "series_id": series_id,
+            "instance_number": numbers["instance_number"].astype(int),
+            "x": numbers["x"].astype(float),
+            "y": numbers["y"].astype(float),
+        }
+    )
+    # Some (study, condition, level) triples have several points. Keep the first by series id,
+    # instance number and position, so the pick does not depend on the file's row order.
+    coordinates = coordinates.sort_values(["row_id", "series_id", "instance_number", "x", "y"])
+    return coordinates.drop_duplicates("row_id").reset_index(drop=True)
+
+
+def read_labels(path):
+    """The competition's train.csv as row_id plus one-hot CLASS_NAMES columns, NaN for blank labels."""
+    return labels_from_wide(read_competition_csv(path, ["study_id", *WIDE_LABEL_COLUMNS]))
+
+
+def labelled_rows(labels, coordinates):
+    """Join labels with coordinates: the rows to crop, and how many were skipped and why.
+
+    Returns (rows, skipped): rows has row_id, the coordinate columns and integer one-hot
+    CLASS_NAMES columns; skipped counts blank labels and labels without a coordinate.
+    """
+    rows = labels.merge(coordinates, on="row_id", how="left")
+    blank = rows[list(CLASS_NAMES)].isna().any(axis=1)
+    without_coordinate = ~blank & rows["series_id"].isna()
+    rows = rows[~blank & ~without_coordinate].astype({name: int for name in CLASS_NAMES})
+    skipped = {"blank_label": int(blank.sum()), "without_coordinate": int(without_coordinate.sum())}
+    return rows.reset_index(drop=True), skipped
+
+
+def submission_rows(series_descriptions, coordinates=None):
+    """All 25 row_ids of every study in a series_descriptions table, with a coordinate where one is given."""
+    studies = pd.Series(series_descriptions["study_id"].str.strip().unique(), name="study_id")
+    rows = pd.merge(studies, pd.Series(WIDE_LABEL_COLUMNS, name="label"), how="cross")
+    rows = pd.DataFrame({"row_id": rows["study_id"] + "_" + rows["label"]})
+    if coordinates is None:
+        coordinates = pd.DataFrame(columns=["row_id", "study_id", "series_id", "instance_number", "x", "y"])
+    return rows.merge(coordinates, on="row_id", how="left")
+
+
+def load_pydicom():
+    """Import pydicom on first use, so the rest of the script runs without it."""
+    try:
+        import pydicom
+    except ImportError as error:
+        raise InputError("reading DICOM files needs pydicom: pip install pydicom") from error
+    return pydicom
+
+
+def read_slice(path):
+    """Read one DICOM slice as (float32 pixels with bright meaning dense, row spacing, column spacing)."""
+    pydicom = load_pydicom()
+    dataset = pydicom.dcmread(path)
+    # Rescale slope and intercept may differ between slices of one series, so apply them before
+    # windowing the series as a whole.
+    pixels = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
+    # MONOCHROME1 stores bright as low values; negating gives MONOCHROME2's order, and the
+    # window below maps either range to 0..255.
+    if dataset.PhotometricInterpretation == "MONOCHROME1":
+        pixels = -pixels
+    row_spacing, column_spacing = (float(spacing) for spacing in dataset.PixelSpacing)
+    return pixels, row_spacing, column_spacing
+
+
+def intensity_window(slices):
+    """The (low, high) intensities that one series' 8-bit window maps to 0 and 255."""
+    # Every second pixel in each direction gives the same percentiles at a quarter of the cost.
+    return tuple(np.percentile(np.concatenate([pixels[::2, ::2].ravel() for pixels in slices]), WINDOW_PERCENTILES))
+
+
+def to_uint8(image, window):
+    """Map intensities to 0..255 linearly through a (low, high) window, clipping outside it."""
+    low, high = window
+    return np.clip((image - low) * (255.0 / max(high - low, 1e-6)), 0, 255).astype(np.uint8)
+
+
+def crop_around(image, x, y, row_spacing, column_spacing, crop_mm, crop_pixels, fill=0):
+    """Cut a crop_mm square centred exactly on (x, y) and resample it to crop_pixels square.
+
+    One affine warp does the cut and the resize, so the point lands on the output's centre
+    with sub-pixel accuracy; parts past the image edge are filled with the value fill.
+    """
+    source_per_output_x = crop_mm / column_spacing / crop_pixels
+    source_per_output_y = crop_mm / row_spacing / crop_pixels
+    centre = (crop_pixels - 1) / 2
+    output_to_source = np.array(
+        [
+            [source_per_output_x, 0.0, x - centre * source_per_output_x],
+            [0.0, source_per_output_y, y - centre * source_per_output_y],
+        ]
+    )
+    return cv2.warpAffine(
+        image,
+        output_to_source,
+        (crop_pixels, crop_pixels),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=fill,
+    )
+
+
+def write_png(path, image):
+    """Write a PNG atomically: a killed run must not leave a truncated crop that a rerun would keep."""
+    _, encoded = cv2.imencode(".png", image)
+    write_atomically(path, encoded.tofile)
+
+
+def series_instances(series_dir):
+    """Sorted instance numbers of a series; the competition names each file by its instance number."""
+    return sorted(int(path.stem) for path in series_dir.glob("*.dcm") if path.stem.isdigit())
+
+
+def slice_triplet(instance_numbers, instance_number):
+    """The previous, given and next instance in a sorted list, reusing the edge slice at either end."""
+    index = instance_numbers.index(instance_number)
+    return (
+        instance_numbers[max(index - 1, 0)],
+        instance_number,
+        instance_numbers[min(index + 1, len(instance_numbers) - 1)],
+    )
+
+
+def read_slices(series_dir, instance_numbers):
+    """Read the given instances of a series: (dict of readable slices, names of broken files)."""
+    slices, undecodable_files = {}, []
+    for instance_number in instance_numbers:
+        path = series_dir / f"{instance_number}.dcm"
+        try:
+            slices[instance_number] = read_slice(path)
+        # Decoders fail in many ways on damaged or unsupported files; any failure means "skip
+        # this file and name it", never a crashed run.
+        except Exception as error:
+            undecodable_files.append(f"{path}: {error}")
+    return slices, undecodable_files
+
+
+def crop_series(task, crop_mm, crop_pixels):
+    """Write every missing crop of one series; a missing or broken file only skips its crops.
+
+    A crop's red, green and blue channels are the previous, labelled and next slice.
+    """
+    result = SeriesResult()
+    pending = [crop for crop in task.crops if not crop.output_path.exists()]
+    result.kept = [crop.row_id for crop in task.crops if crop not in pending]
+    if not pending:
+        return result
+    if not task.series_dir.is_dir():
+        result.missing_files.append(f"{task.series_dir}/")
+        return result
+    instance_numbers = series_instances(task.series_dir)
+    triplets = {}
+    for crop in task.crops:
+        if crop.instance_number in instance_numbers:
+            triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
+        elif crop in pending:
+            result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
+    # Read the slices of every crop, also those already on disk, so the window does not depend
+    # on which crops a resumed run still had to write.
+    slices, result.undecodable_files = read_slices(task.series_dir, sorted(set().union(*triplets.values())))
+    if not slices:
+        return result
+    window = intensity_window([pixels for pixels, _, _ in slices.values()])
+    for crop in pending:
+        if crop.instance_number not in slices:
+            continue
+        channels = []
+        for instance_number in triplets[crop]:
+            # A broken neighbour is replaced by the labelled slice, as at the ends of the series.
+            pixels, row_spacing, column_spacing = slices.get(instance_number, slices[crop.instance_number])
+            # Filling with the window's low end makes the padding black, like empty air.
+            channel = crop_around(pixels, crop.x, crop.y, row_spacing, column_spacing, crop_mm, crop_pixels, window[0])
+            channels.append(channel)
+        # OpenCV writes blue, green, red, so reverse the channels to store them as RGB.
+        write_png(crop.output_path, to_uint8(np.stack(channels[::-1], axis=-1), window))
+        result.written.append(crop.row_id)
+    return result
+
+
+def crop_tasks(rows, images_dir, output_dir):
+    """Group the rows that have a coordinate into one task per series."""
+    crops_by_series = {}
+    points = rows.dropna(subset=["series_id"])[["study_id", "series_id", "row_id", "instance_number", "x", "y"]]
+    # One pass over plain tuples: a pandas groupby takes seconds for the ~6,000 series.
+    for study_id, series_id, row_id, instance_number, x, y in points.itertuples(index=False):
+        crop = Crop(row_id, int(instance_number), x, y, output_dir / f"{row_id}.png")
+        crops_by_series.setdefault((study_id, series_id), []).append(crop)
+    return [
+        SeriesTask(images_dir / study_id / series_id, tuple(crops))
+        for (study_id, series_id), crops in crops_by_series.items()
+    ]
+
+
+def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
+    """Run the series tasks on a thread pool with a progress bar; returns one result per task.
+
+    Threads rather than processes: most of the time goes to file I/O, NumPy and OpenCV, which
+    release the GIL, processes measured no faster, and threads also work from a notebook.
+    """
+    progress = keras.utils.Progbar(sum(len(task.crops) for task in tasks), unit_name="crop")
+    crop_one_series = functools.partial(crop_series, crop_mm=crop_mm, crop_pixels=crop_pixels)
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
+        for task, result in zip(tasks, executor.map(crop_one_series, tasks)):
+            progress.add(len(task.crops))
+            results.append(result)
+    return results
+
+
+def read_split_rows(competition_dir, split, coordinates):
+    """The rows of one split and the counts of rows without a label or coordinate."""
+    if split == "train":
+        labels = read_labels(competition_dir / "train.csv")
+        return labelled_rows(labels, read_coordinates(coordinates or competition_dir / "train_label_coordinates.csv"))
+    if split == "test":
+        series_descriptions = read_competition_csv(competition_dir / "test_series_descriptions.csv", ["study_id"])
+        rows = submission_rows(series_descriptions, read_coordinates(coordinates) if coordinates else None)
+        return rows, {"without_coordinate": int(rows["series_id"].isna().sum())}
+    raise InputError(f"split must be 'train' or 'test', not {split!r}")
+
+
+def prepare_competition(
+    competition_dir,
+    out_dir,
+    split="train",
+    coordinates=None,
+    crop_mm=PREPARE_CROP_MM,
+    crop_pixels=PREPARE_CROP_PIXELS,
+    workers=WORKERS,
+):
+    """Write the seed layout (OUT/{split}.csv and OUT/images/{split}/) from the competition's files.
+
+    Train rows without a label, coordinate or image are left out; test rows are all kept, with
+    an empty image_path where there is no crop. Existing crops are kept, so a rerun resumes.
+    Returns a summary dict with counts and the names of missing and undecodable files.
+    """
+    competition_dir, out_dir = Path(competition_dir), Path(out_dir)
+    rows, skipped = read_split_rows(competition_dir, split, coordinates)
+    images_dir = competition_dir / f"{split}_images"
+    output_dir = out_dir / "images" / split
+    tasks = crop_tasks(rows, images_dir, output_dir)
+    if tasks:
+        if not images_dir.is_dir():
+            raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
+        load_pydicom()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
+    written = [row_id for result in results for row_id in result.written]
+    kept = [row_id for result in results for row_id in result.kept]
+    has_image = rows["row_id"].isin(set(written) | set(kept))
+    rows["image_path"] = ("images/" + split + "/" + rows["row_id"] + ".png").where(has_image, "")
+    if split == "train":
+        table = rows.loc[has_image, ["row_id", "image_path", *CLASS_NAMES]]
+    else:
+        table = rows[["row_id", "image_path"]]
+    csv_path = out_dir / f"{split}.csv"
+    write_csv(table, csv_path)
+    return {
+        "split": split,
+        "csv": str(csv_path),
+        "rows": len(table),
+        "images_written": len(written),
+        "images_kept": len(kept),
+        **skipped,
+        "without_image": int((rows["series_id"].notna() & ~has_image).sum()),
+        # Several crops can miss the same file; name it once.
+        "missing_files": list(dict.fromkeys(name for result in results for name in result.missing_files)),
+        "undecodable_files": [name for result in results for name in result.undecodable_files],
+    }
+
+
+def run_prepare(
+    competition_dir,
+    out_dir,
+    split="train",
+    coordinates=None,
+    crop_mm=PREPARE_CROP_MM,
+    crop_pixels=PREPARE_CROP_PIXELS,
+    workers=WORKERS,
+):
+    """The prepare command: build the seed layout and print what was done and skipped."""
+    summary = prepare_competition(competition_dir, out_dir, split, coordinates, crop_mm, crop_pixels, workers)
+    print(
+        f"Wrote {summary['rows']:,} rows to {summary['csv']} "
+        f"({summary['images_written']:,} new crops, {summary['images_kept']:,} kept)."
+    )
+    reasons = {
+        "blank_label": "with a blank label",
+        "without_coordinate": "without a coordinate",
+        "without_image": "without an image",
+    }
+    counts = ", ".join(f"{summary[key]:,} {reason}" for key, reason in reasons.items() if key in summary)
+    print(f"Rows {'skipped' if split == 'train' else 'given an empty image_path'}: {counts}.")
+    if summary["missing_files"]:
+        print(f"Missing series folders or instance files: {list_some(summary['missing_files'])}.")
+    if summary["undecodable_files"]:
+        print(f"Undecodable DICOM files: {list_some(summary['undecodable_files'])}.")
+    return summary
 
 
 # =============================================================================================== model
@@ -433,9 +865,8 @@ def find_local_imagenet_weights():
     """A local copy of the ImageNet notop weights: the Keras cache, or any dataset under /kaggle/input."""
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
     candidates = [keras_home / "models" / IMAGENET_WEIGHTS_FILE]
-    if KAGGLE_INPUT.is_dir():  # Attached datasets sit a few folders deep; don't walk the DICOM trees.
-        for depth in range(1, 5):
-            candidates += sorted(KAGGLE_INPUT.glob("/".join(["*"] * depth) + "/" + IMAGENET_WEIGHTS_FILE))
+    for depth in range(1, 5):  # Attached datasets sit a few folders deep; don't walk the DICOM trees.
+        candidates += sorted((KAGGLE_ROOT / "input").glob("/".join(["*"] * depth) + "/" + IMAGENET_WEIGHTS_FILE))
     return next((path for path in candidates if path.is_file()), None)
 
 
@@ -493,81 +924,267 @@ def compile_model(model, learning_rate):
     )
 
 
+# -------------------------------------------------------------------------------- devices and precision
+
+
+def tpu_present():
+    """A TPU VM exposes /dev/accel*; older TPU nodes announce themselves in TPU_NAME."""
+    return bool(os.environ.get("TPU_NAME")) or any(Path("/dev").glob("accel*"))
+
+
+def cluster_in_tf_config():
+    """True when TF_CONFIG names a multi-worker cluster."""
+    try:
+        return bool(json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster"))
+    except (json.JSONDecodeError, AttributeError):
+        raise InputError("TF_CONFIG is not a JSON object like {\"cluster\": {...}, \"task\": {...}}.") from None
+
+
+def choose_strategy(name):
+    """The tf.distribute strategy for --strategy. auto: several GPUs → mirrored, a TF_CONFIG cluster →
+    multiworker, else the default (one device). A TPU is never chosen: see the error below."""
+    if name == "tpu" or (name == "auto" and tpu_present()):
+        message = ("this pipeline reads and augments images in Python (OpenCV), which cannot feed a TPU's "
+                   "in-graph input pipeline")
+        if name == "tpu":
+            raise InputError(f"--strategy tpu: {message}. Train on GPUs (Kaggle's T4 x2 uses --strategy mirrored) or the CPU.")
+        print(f"strategy: a TPU is present, but {message}; training on the host instead.")
+    if name == "auto":
+        name = ("mirrored" if len(tf.config.list_physical_devices("GPU")) > 1
+                else "multiworker" if cluster_in_tf_config() else "default")
+    if name == "mirrored":  # All GPUs; on a machine without any, all (logical) CPU devices.
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    if name == "multiworker":
+        if not cluster_in_tf_config():
+            raise InputError("--strategy multiworker needs TF_CONFIG to name the cluster and this worker's task.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def local_replicas(strategy):
+    """The replicas on this worker: all of them, except when several workers share the training."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    workers = sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) or 1
+    return strategy.num_replicas_in_sync // workers
+
+
+def is_chief(strategy):
+    """Only the chief writes the artifacts: the task called chief, else worker 0, else the only process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type in (None, "chief"):
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def choose_precision(precision, strategy):
+    """Set Keras' dtype policy for --precision; returns its name. The softmax output stays float32 regardless.
+
+    auto: mixed_float16 on GPUs, mixed_bfloat16 on TPUs, float32 on the CPU (measured no faster there).
+    mixed: mixed precision on any device (bfloat16 where there is no GPU).
+    """
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+    if precision == "float32" or (precision == "auto" and not (on_gpu or on_tpu)):
+        policy = "float32"
+    else:
+        policy = "mixed_float16" if on_gpu else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
 # ============================================================================================ training
+# A run keeps its resumable state in OUTPUT_DIR/.resume/fold{k}/: state.json (finished phases, the history so
+# far, the best validation loss, which files are current), the best weights, a backup of the model and its
+# optimizer after the last finished epoch (like Keras' BackupAndRestore, but crash-safe) and, once the fold is
+# done, predictions.npz. A finished run deletes it; --resume continues from it after a crash, SIGKILL or Ctrl-C.
+
+RESUME_OPTIONS = ("data_dir", "image_size", "batch_size", "epochs", "fine_tune_epochs", "lr", "fine_tune_lr",
+                  "weights", "class_weights", "val_fraction", "folds", "seed")  # Must match to resume.
+interrupt_requested = threading.Event()
 
 
-def make_batches(table, rows, options, augment=False, with_labels=True):
-    """The streaming dataset for some rows of a table."""
+def stop_at_batch_end_on_interrupt(signal_number, frame):
+    """SIGINT handler: training stops at the end of the current batch; a second Ctrl-C stops at once."""
+    if interrupt_requested.is_set():
+        raise KeyboardInterrupt
+    interrupt_requested.set()
+    print("\ninterrupted: stopping at the end of this batch (Ctrl-C again to stop at once)", flush=True)
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
+
+    Raising, rather than setting stop_training, keeps Keras from saving the half-done epoch as finished.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        if interrupt_requested.is_set():
+            raise KeyboardInterrupt
+
+
+class TrainingState(keras.callbacks.Callback):
+    """After every epoch, saves what a resumed run needs: the model and optimizer (a backup), the best weights
+    so far by validation loss, and the history. Each file gets a new name and state.json, written last and
+    atomically, says which files are current, so a SIGKILL at any moment leaves a consistent state."""
+
+    def __init__(self, fold_dir, phase, state):
+        super().__init__()
+        self.fold_dir, self.phase, self.state = fold_dir, phase, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        superseded = []
+        row = {"phase": self.phase, "epoch": epoch, **{name: float(value) for name, value in (logs or {}).items()}}
+        self.state["history"] = [old for old in self.state["history"] if old["epoch"] != epoch] + [row]
+        best = self.state["best_val_loss"]
+        if row.get("val_loss", math.nan) < (math.inf if best is None else best):  # NaN is never better.
+            superseded.append(self.state["best_file"])
+            self.state.update(best_val_loss=row["val_loss"], best_file=f"best-epoch{epoch + 1}.npz")
+            write_atomically(self.fold_dir / self.state["best_file"], lambda path: np.savez(path, *self.model.get_weights()))
+        superseded.append(self.state["backup_file"])
+        self.state.update(backup_file=f"backup-epoch{epoch + 1}.weights.h5", backup_epoch=epoch + 1)
+        write_atomically(self.fold_dir / self.state["backup_file"], self.model.save_weights)  # With the optimizer.
+        write_json(self.state, self.fold_dir / "state.json")
+        for name in superseded:
+            if name and name not in (self.state["best_file"], self.state["backup_file"]):
+                (self.fold_dir / name).unlink(missing_ok=True)
+
+
+def restore_best_weights(model, fold_dir, state):
+    """Load the best epoch's weights, when there was a validation set to judge by."""
+    if state["best_file"]:
+        with np.load(fold_dir / state["best_file"]) as saved:
+            model.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
+
+
+def restore_backup(model, fold_dir, state, phase, first_epoch):
+    """Continue a phase after its last finished epoch: reload the model and optimizer; returns that epoch."""
+    if state["backup_file"] is None or state["history"][-1]["phase"] != phase:
+        return first_epoch
+    model.optimizer.build(model.trainable_variables)  # Its slots must exist before they can be loaded.
+    model.load_weights(fold_dir / state["backup_file"])
+    print(f"resuming phase {phase} after epoch {state['backup_epoch']}")
+    return state["backup_epoch"]
+
+
+def open_run_state(resume_dir, options):
+    """Start a run's resumable state, or check that --resume continues a run with the same options."""
+    current = json.loads(json.dumps({name: str(getattr(options, name)) for name in RESUME_OPTIONS}))
+    recorded = resume_dir / "options.json"
+    if options.resume and recorded.is_file():
+        previous = json.loads(recorded.read_text())
+        changed = [f"--{name.replace('_', '-')} was {previous.get(name)}, now {current[name]}"
+                   for name in RESUME_OPTIONS if previous.get(name) != current[name]]
+        if changed:
+            raise InputError(f"--resume: the interrupted run in {resume_dir.parent} used other options "
+                             f"({'; '.join(changed)}). Resume with the same options, or drop --resume.")
+        return
+    if options.resume:
+        print(f"--resume: no interrupted run in {resume_dir.parent}; starting afresh.")
+    elif resume_dir.exists():
+        print(f"note: discarding an interrupted run's state in {resume_dir} (pass --resume to continue it).")
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    resume_dir.mkdir(parents=True)
+    write_json(current, recorded)
+
+
+def read_fold_state(fold_dir):
+    """A fold's saved progress, or a fresh start."""
+    if (fold_dir / "state.json").is_file():
+        return json.loads((fold_dir / "state.json").read_text())
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    return {"finished_phases": [], "history": [], "best_val_loss": None, "best_file": None,
+            "backup_file": None, "backup_epoch": None, "done": False}
+
+
+def make_batches(table, rows, options, strategy, augment=False):
+    """The streaming dataset for some labelled rows of a table; each batch feeds all of this worker's devices."""
     return ImageBatches(
         table["image_path"].to_numpy()[rows],
         options.image_size,
-        options.batch_size,
-        labels=table["label"].to_numpy()[rows] if with_labels else None,
+        options.batch_size * local_replicas(strategy),
+        labels=table["label"].to_numpy()[rows],
         class_weights=options.class_weights,
         augment=augment,
         seed=options.seed,
         workers=options.workers,
+        skip_bad_images=options.skip_bad_images,
     )
 
 
-def fit_phase(model, train_batches, validation_batches, options, first_epoch, last_epoch, checkpoint, best):
-    """Train epochs [first_epoch, last_epoch), saving weights whenever validation loss beats `best`."""
-    callbacks = []
-    if validation_batches is not None:
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True,
-                initial_value_threshold=best, verbose=0,
-            )
-        )
-    history = model.fit(
-        train_batches,
-        validation_data=validation_batches,
-        initial_epoch=first_epoch,
-        epochs=last_epoch,
-        callbacks=callbacks,
-        shuffle=False,  # ImageBatches shuffles itself, from the seed.
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
-    if checkpoint.exists():
-        model.load_weights(checkpoint)  # The best epoch so far: phase 2 starts from it, and the run ends on it.
-    frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", history.epoch)
-    return frame, callbacks[0].best if callbacks else best
-
-
-def train_fold(table, train_rows, validation_rows, options, weights, checkpoint):
-    """Both training phases for one split; returns the model with its best weights, and its history."""
-    train_batches = make_batches(table, train_rows, options, augment=True)
-    validation_batches = make_batches(table, validation_rows, options) if len(validation_rows) else None
-    model = build_model(options.image_size, weights)
-    compile_model(model, options.lr)
-    checkpoint.unlink(missing_ok=True)  # A stale checkpoint from another run must not be restored.
-    print(f"phase 1: base frozen, {options.epochs} epoch(s) at learning rate {options.lr:g}")
-    history, best = fit_phase(model, train_batches, validation_batches, options, 0, options.epochs, checkpoint, None)
-    history.insert(0, "phase", 1)
+def training_phases(options):
+    """(phase, first epoch, end epoch, learning rate) for each phase that runs."""
+    phases = [(1, 0, options.epochs, options.lr)]
     if options.fine_tune_epochs > 0:
-        unfreeze_model(model, FINE_TUNE_LAYERS)
-        compile_model(model, options.fine_tune_lr)
-        print(f"phase 2: last {FINE_TUNE_LAYERS} base layers unfrozen (BatchNormalization frozen), "
-              f"{options.fine_tune_epochs} epoch(s) at learning rate {options.fine_tune_lr:g}")
-        last_epoch = options.epochs + options.fine_tune_epochs
-        fine_tune_history, best = fit_phase(
-            model, train_batches, validation_batches, options, options.epochs, last_epoch, checkpoint, best
+        phases.append((2, options.epochs, options.epochs + options.fine_tune_epochs, options.fine_tune_lr))
+    return phases
+
+
+def run_phase(model, train_batches, validation_batches, phase, first_epoch, end_epoch, fold_dir, state):
+    """fit() for one phase, resuming after its last finished epoch; names an image that breaks mid-run."""
+    resume_epoch = restore_backup(model, fold_dir, state, phase, first_epoch)
+    train_batches.start_epoch(resume_epoch)
+    callbacks = [TrainingState(fold_dir, phase, state), StopOnInterrupt()]
+    try:
+        model.fit(
+            train_batches,
+            validation_data=validation_batches,
+            initial_epoch=resume_epoch,
+            epochs=end_epoch,
+            callbacks=callbacks,
+            shuffle=False,  # ImageBatches shuffles itself, from the seed.
+            verbose=1 if sys.stdout.isatty() else 2,  # One line per epoch in logs; a progress bar on a terminal.
         )
-        fine_tune_history.insert(0, "phase", 2)
-        history = pd.concat([history, fine_tune_history], ignore_index=True)
-    if checkpoint.exists():
-        checkpoint.unlink()  # model.keras holds the best weights from here on.
-    return model, history
+    except Exception:
+        failed_path = train_batches.failed_path or getattr(validation_batches, "failed_path", None)
+        if failed_path:
+            raise UnreadableImageError(
+                f"{failed_path}: cannot be decoded any more (it passed the check at the start). The run stopped "
+                "with its state saved: restore the file and run again with --resume, or add --skip-bad-images."
+            ) from None
+        raise
+
+
+def train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy):
+    """Both training phases for one split, resuming from `state`; returns the model with its best weights."""
+    train_batches = make_batches(table, train_rows, options, strategy, augment=True)
+    validation_batches = make_batches(table, validation_rows, options, strategy) if len(validation_rows) else None
+    with strategy.scope():  # Variables, including the optimizer's, are created on every replica.
+        model = build_model(options.image_size, weights)
+        for phase, first_epoch, end_epoch, learning_rate in training_phases(options):
+            if phase in state["finished_phases"]:
+                continue
+            if phase == 2:
+                restore_best_weights(model, fold_dir, state)  # Fine-tuning starts from phase 1's best epoch.
+                unfreeze_model(model, FINE_TUNE_LAYERS)
+            compile_model(model, learning_rate)  # Again after unfreezing, so the change takes effect.
+            print(f"phase {phase}: " + ("base frozen" if phase == 1 else
+                  f"last {FINE_TUNE_LAYERS} base layers unfrozen (BatchNormalization frozen)") +
+                  f", epochs {first_epoch + 1}-{end_epoch} at learning rate {learning_rate:g}")
+            run_phase(model, train_batches, validation_batches, phase, first_epoch, end_epoch, fold_dir, state)
+            state["finished_phases"].append(phase)
+            write_json(state, fold_dir / "state.json")
+        restore_best_weights(model, fold_dir, state)
+    skipped = train_batches.skipped | getattr(validation_batches, "skipped", set())
+    if skipped:
+        print(f"--skip-bad-images: left out {len(skipped)} image(s) that could not be decoded: {list_some(sorted(skipped))}")
+    return model
 
 
 def predict_probabilities(model, image_paths, options):
-    """Softmax probabilities for images, streamed in order."""
+    """Softmax probabilities for images, streamed in order. A test image that breaks stops with its name."""
     if len(image_paths) == 0:
-        return np.zeros((0, len(CLASS_NAMES)), np.float32)
+        return np.zeros((0, len(CLASS_NAMES)))
     batches = ImageBatches(image_paths, model.input_shape[1], options.batch_size, workers=options.workers)
-    return model.predict(batches, verbose=0).astype(np.float64)
+    try:
+        return model.predict(batches, verbose=0).astype(np.float64)
+    except Exception:
+        if batches.failed_path:
+            raise UnreadableImageError(f"{batches.failed_path}: cannot be decoded any more (it passed the check "
+                                       "at the start). Restore the file and run again.") from None
+        raise
+
 
 
 # ========================================================================================== evaluation
@@ -677,7 +1294,7 @@ def best_constants(labels, class_weights=LABEL_WEIGHTS):
 
 def constant_predictions(row_ids, constants):
     """Each row's location's constant, or the overall one for a location not seen in training."""
-    return np.array([constants.get(location, constants[""]) for location in locations(row_ids).fillna("")])
+    return np.array([constants.get(location, constants[""]) for location in locations(row_ids).astype(object).fillna("")])
 
 
 def read_solution(path):
@@ -873,6 +1490,49 @@ def write_submission(row_ids, probabilities, path):
 
 # ============================================================================== command line and main
 
+# ------------------------------------------------------------------------------------------ Kaggle
+
+
+def on_kaggle():
+    """Kaggle notebooks mount attached data under /kaggle/input."""
+    return (KAGGLE_ROOT / "input").is_dir()
+
+
+def find_kaggle_data_dir():
+    """The data attached under /kaggle/input: a dataset in the seed layout, else a competition layout."""
+    input_dir = KAGGLE_ROOT / "input"
+    for marker in ("train.csv", "test.csv", "train_series_descriptions.csv", "test_series_descriptions.csv"):
+        for depth in range(1, 4):  # Datasets sit a few folders deep; don't walk the image trees.
+            for path in sorted(input_dir.glob("/".join(["*"] * depth) + "/" + marker)):
+                # The competition's own train.csv is wide (no image_path); it is found by its series file.
+                with path.open(encoding="utf-8", errors="replace") as file:
+                    if "series" in marker or "image_path" in file.readline():
+                        return path.parent
+    return None
+
+
+def resolve_data_dir(option):
+    """--data-dir, else the current folder, else (on Kaggle) the data found under /kaggle/input."""
+    if option is not None:
+        return Path(option)
+    if on_kaggle() and not Path("train.csv").is_file() and not Path("test.csv").is_file():
+        found = find_kaggle_data_dir()
+        if found is not None:
+            print(f"kaggle:  using the data in {found} (--data-dir chooses another)")
+            return found
+    return Path(".")
+
+
+def resolve_output_dir(option):
+    """--output-dir, else /kaggle/working on Kaggle (the folder it keeps), else the current folder."""
+    if option is not None:
+        return Path(option)
+    return KAGGLE_ROOT / "working" if on_kaggle() else Path(".")
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
 COMMANDS = ("train", "predict", "score", "prepare")
 
 
@@ -916,9 +1576,13 @@ def class_weights(text):
 
 def add_common_options(parser):
     """Options that train and predict share."""
-    parser.add_argument("--data-dir", default=DATA_DIR, help="folder with train.csv/test.csv and images (default: %(default)s)")
-    parser.add_argument("--output-dir", default=OUTPUT_DIR, help="where outputs are written (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="images per step (default: %(default)s)")
+    parser.add_argument("--data-dir", default=DATA_DIR,
+                        help="folder with train.csv/test.csv and their images (default: the current folder; "
+                             "on Kaggle, the data attached under /kaggle/input)")
+    parser.add_argument("--output-dir", default=OUTPUT_DIR,
+                        help="where outputs are written (default: the current folder; /kaggle/working on Kaggle)")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help="images per step on each device; the global batch is this × the replicas (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads reading images (default: %(default)s, the CPU count)")
 
 
@@ -931,11 +1595,12 @@ def build_parser(command):
         epilog="Other commands: predict, score, prepare (see `python script.py COMMAND --help`)."
         if command == "train" else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # A notebook kernel's own `--f=kernel.json` must not pass for --folds.
     )
     if command == "train":
         add_common_options(parser)
         parser.add_argument("--image-size", type=image_size, default=IMAGE_SIZE, help="pixels, square (default: %(default)s)")
-        parser.add_argument("--epochs", type=non_negative_int, default=EPOCHS, help="phase 1 epochs, base frozen (default: %(default)s)")
+        parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="phase 1 epochs, base frozen (default: %(default)s)")
         parser.add_argument("--fine-tune-epochs", type=non_negative_int, default=FINE_TUNE_EPOCHS,
                             help=f"phase 2 epochs, last {FINE_TUNE_LAYERS} base layers unfrozen; 0 skips it (default: %(default)s)")
         parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)")
@@ -947,10 +1612,29 @@ def build_parser(command):
         parser.add_argument("--folds", type=positive_int, default=FOLDS,
                             help="K > 1 trains K models on grouped, stratified folds and averages them (default: %(default)s)")
         parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
+        parser.add_argument("--strategy", choices=("auto", "default", "mirrored", "multiworker", "tpu"), default=STRATEGY,
+                            help="tf.distribute strategy; auto: several GPUs → mirrored, TF_CONFIG → multiworker (default: %(default)s)")
+        parser.add_argument("--precision", choices=("auto", "float32", "mixed"), default=PRECISION,
+                            help="auto: mixed_float16 on GPUs, float32 on the CPU; mixed: bfloat16 where no GPU (default: %(default)s)")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue an interrupted run in --output-dir from its last finished epoch")
+        parser.add_argument("--skip-bad-images", action="store_true",
+                            help="drop training rows whose image is missing or cannot be decoded (counted), instead of stopping")
     elif command == "predict":
         add_common_options(parser)
         parser.add_argument("--model", nargs="+", required=True, type=Path,
                             help="saved model(s) (.keras); several are averaged, as a K-fold run's are")
+    elif command == "prepare":
+        parser.add_argument("--competition-dir", required=True, type=Path,
+                            help="the competition's folder: train.csv, *_series_descriptions.csv, *_images/")
+        parser.add_argument("--out-dir", required=True, type=Path, help="where the seed layout is written")
+        parser.add_argument("--split", choices=("train", "test"), default="train", help="(default: %(default)s)")
+        parser.add_argument("--coordinates", type=Path,
+                            help="label coordinates CSV (default: train_label_coordinates.csv for train; none for test, "
+                                 "so test rows get an empty image_path)")
+        parser.add_argument("--crop-mm", type=float, default=PREPARE_CROP_MM, help="crop side in millimetres (default: %(default)s)")
+        parser.add_argument("--crop-pixels", type=positive_int, default=PREPARE_CROP_PIXELS, help="crop side in pixels (default: %(default)s)")
+        parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads (default: %(default)s)")
     elif command == "score":
         parser.add_argument("--solution", required=True, type=Path, help="labels: row_id + one-hot columns, or the competition's wide train.csv")
         parser.add_argument("--submission", required=True, type=Path, help="row_id, normal_mild, moderate, severe")
@@ -958,8 +1642,9 @@ def build_parser(command):
 
 
 def in_notebook():
-    """True inside Jupyter/IPython kernels, where sys.argv holds the kernel's own arguments."""
-    return "ipykernel" in sys.modules or "__file__" not in globals()
+    """True inside a Jupyter/IPython shell, where sys.argv holds the kernel's own arguments."""
+    ipython = sys.modules.get("IPython")
+    return "__file__" not in globals() or (ipython is not None and ipython.get_ipython() is not None)
 
 
 def parse_arguments(argv):
@@ -1023,41 +1708,82 @@ def prepare_output_dir(path):
     return path
 
 
+def checkpoint_bytes(image_size, folds):
+    """A generous estimate of the disk a run needs: each fold's model file, plus the best weights and the
+    double backup (weights and Adam's two moments) that exist while a fold trains."""
+    head_inputs = math.ceil(image_size / 32) ** 2 * 2048  # ResNet50 downsamples 32×; Flatten sees all of it.
+    head = head_inputs * 128 + 128 + 128 * len(CLASS_NAMES) + len(CLASS_NAMES)
+    trainable = head + RESNET50_TOP_LAYER_PARAMETERS
+    model_file = 4 * (RESNET50_PARAMETERS + head + 2 * trainable)  # float32 weights and Adam's moments.
+    return folds * model_file + 3 * model_file
+
+
+def refuse_low_disk(output_dir, image_size, folds):
+    """Refuse to start a run whose checkpoints would not fit on the output disk."""
+    needed, free = checkpoint_bytes(image_size, folds), shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise InputError(f"--output-dir {output_dir}: {free / 1e9:.1f} GB free, but a run at {image_size} px with "
+                         f"{folds} fold(s) needs about {needed / 1e9:.1f} GB for its models and checkpoints. "
+                         "Free some space or choose another folder.")
+
+
 def train(options):
     """The whole job: validate, train and validate each fold, report, predict the test set, write artifacts."""
     started = time.time()
-    data_dir = Path(options.data_dir)
-    table = load_train_table(data_dir)
+    data_dir = options.data_dir
+    table = load_train_table(data_dir, options.skip_bad_images)
     test_table = load_test_table(data_dir)
     weights, weights_source = resolve_weights(options.weights)
     folds = split_folds(table, options.folds, options.val_fraction, options.seed)
-    output_dir = prepare_output_dir(options.output_dir)
+    strategy = choose_strategy(options.strategy)  # First: a multi-worker strategy must precede other TF work.
+    policy = choose_precision(options.precision, strategy)
+    output_dir = prepare_output_dir(options.output_dir if is_chief(strategy) else tempfile.mkdtemp())
+    refuse_low_disk(output_dir, options.image_size, len(folds))
+    resume_dir = output_dir / ".resume"
+    open_run_state(resume_dir, options)
     keras.utils.set_random_seed(options.seed)
     print_start_summary(data_dir, table, test_table, weights_source)
+    print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), global batch "
+          f"{options.batch_size * strategy.num_replicas_in_sync}; precision: {policy}"
+          + ("" if is_chief(strategy) else f"; not the chief, so writing to scratch folder {output_dir}"))
 
     # The prior the model must beat, from all training labels: if anything, this flatters the prior.
     constants = best_constants(labels_frame(table["row_id"], table["label"]))
     histories, validated_rows, oof_parts, test_parts, model_paths = [], [], [], [], []
     test_images = test_table["image_path"].dropna().tolist()
     for fold, (train_rows, validation_rows) in enumerate(folds, start=1):
-        print(f"\nfold {fold}/{len(folds)}: {len(train_rows)} training rows, {len(validation_rows)} validation rows")
-        checkpoint = output_dir / f".best-fold{fold}.weights.h5"
-        model, history = train_fold(table, train_rows, validation_rows, options, weights, checkpoint)
-        history.insert(0, "fold", fold)
-        histories.append(history)
+        fold_dir = resume_dir / f"fold{fold}"
+        state = read_fold_state(fold_dir)
         model_paths.append(output_dir / ("model.keras" if len(folds) == 1 else f"model_fold{fold}.keras"))
-        write_atomically(model_paths[-1], model.save)
-        if len(validation_rows):
-            validated_rows.append(validation_rows)
-            oof_parts.append(predict_probabilities(model, table["image_path"].to_numpy()[validation_rows], options))
-        test_parts.append(predict_probabilities(model, test_images, options))
-        keras.backend.clear_session()  # Free this fold's model before the next one is built.
+        print(f"\nfold {fold}/{len(folds)}: {len(train_rows)} training rows, {len(validation_rows)} validation rows")
+        if state["done"]:
+            print("finished before the interruption: reusing its model and predictions")
+        else:
+            model = train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy)
+            write_atomically(model_paths[-1], model.save)
+            # Predict with the saved file, outside any distribution strategy: exactly what `predict` will do.
+            del model
+            keras.backend.clear_session()
+            model = load_saved_model(model_paths[-1])
+            validation_images = table["image_path"].to_numpy()[validation_rows]
+            predictions = {"validation": predict_probabilities(model, validation_images, options),
+                           "test": predict_probabilities(model, test_images, options)}
+            write_atomically(fold_dir / "predictions.npz", lambda path: np.savez(path, **predictions))
+            state["done"] = True
+            write_json(state, fold_dir / "state.json")
+            keras.backend.clear_session()  # Free this fold's model before the next one is built.
+        with np.load(fold_dir / "predictions.npz") as predictions:
+            oof_parts.append(predictions["validation"])
+            test_parts.append(predictions["test"])
+        validated_rows.append(validation_rows)
+        histories.append(pd.DataFrame(state["history"]).assign(fold=fold))
 
     history = pd.concat(histories, ignore_index=True)
+    history = history[["fold", *[column for column in history.columns if column != "fold"]]]
     artifacts = {"models": ", ".join(str(path) for path in model_paths)}
     artifacts["history"] = write_csv(history, output_dir / "history.csv")
-    if oof_parts:
-        rows = np.concatenate(validated_rows)
+    rows = np.concatenate(validated_rows)
+    if len(rows):
         row_ids, labels, oof = table["row_id"].to_numpy()[rows], table["label"].to_numpy()[rows], np.concatenate(oof_parts)
         metrics = evaluate(row_ids, labels, oof, constant_predictions(row_ids, constants))
         print_report(metrics)
@@ -1070,6 +1796,7 @@ def train(options):
     artifacts["config"] = write_json(run_config(options, weights_source, constants), output_dir / "config.json")
     probabilities = fill_rows_without_image(test_table, np.mean(test_parts, axis=0), constants)
     artifacts["submission"] = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
+    shutil.rmtree(resume_dir)  # The run is complete: nothing left to resume.
     print_end_summary(artifacts, model_paths, data_dir, time.time() - started)
     return 0
 
@@ -1084,7 +1811,7 @@ def load_saved_model(path):
 
 def predict(options):
     """Write submission.csv from saved model(s), without training. The image size comes from each model."""
-    data_dir = Path(options.data_dir)
+    data_dir = options.data_dir
     test_table = load_test_table(data_dir)
     constants = {}
     if test_table["image_path"].isna().any():  # Those rows need the training run's priors.
@@ -1095,6 +1822,8 @@ def predict(options):
     for path in options.model:
         if not path.is_file():
             raise InputError(f"--model {path}: file not found.")
+        if not zipfile.is_zipfile(path):  # Cheap, and before anything is written.
+            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
     output_dir = prepare_output_dir(options.output_dir)
     test_images = test_table["image_path"].dropna().tolist()
     image_probabilities = []
@@ -1107,22 +1836,62 @@ def predict(options):
     return 0
 
 
+def is_competition_layout(data_dir):
+    """The competition's own folder (DICOMs and a wide train.csv) rather than the seed layout."""
+    return (data_dir / "train_series_descriptions.csv").is_file() or (data_dir / "test_series_descriptions.csv").is_file()
+
+
+def prepare_for_run(competition_dir, output_dir, command):
+    """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick)."""
+    prepared = output_dir / "prepared"
+    print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
+    splits = (["train"] if command == "train" else []) + ["test"]
+    for split in splits:
+        if (competition_dir / f"{split}_series_descriptions.csv").is_file():
+            run_prepare(competition_dir, prepared, split)
+    return prepared
+
+
+def run_command(command, options):
+    """Dispatch to one command."""
+    if command in ("train", "predict"):
+        options.data_dir, options.output_dir = resolve_data_dir(options.data_dir), resolve_output_dir(options.output_dir)
+    if command in ("train", "predict") and is_competition_layout(options.data_dir):
+        options.data_dir = prepare_for_run(options.data_dir, options.output_dir, command)
+    if command == "train":
+        return train(options)
+    if command == "predict":
+        return predict(options)
+    if command == "prepare":
+        run_prepare(options.competition_dir, options.out_dir, options.split, options.coordinates,
+                    options.crop_mm, options.crop_pixels, options.workers)
+        return 0
+    if command == "score":
+        run_score(options.solution, options.submission)
+        return 0
+    raise AssertionError(f"unhandled command {command}")
+
+
 def main(argv=None):
-    """Run one command. Returns the exit code: 0 done, 2 bad input, 130 interrupted."""
+    """Run one command. Returns the exit code: 0 done, 2 bad input, 130 interrupted (resumable)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command, options = parse_arguments(argv)
+    # Ctrl-C stops training at the end of a batch, with its state saved; signals belong to the main thread.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, stop_at_batch_end_on_interrupt) if in_main_thread else None
     try:
-        if command == "train":
-            return train(options)
-        if command == "predict":
-            return predict(options)
-        if command == "score":
-            run_score(options.solution, options.submission)
-            return 0
+        return run_command(command, options)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    raise AssertionError(f"unhandled command {command}")
+    except KeyboardInterrupt:
+        print("\nstopped by Ctrl-C." + (" The state after the last finished epoch is saved; continue with:\n"
+              f"  python script.py {' '.join(argv)} --resume" if command == "train" else ""), file=sys.stderr)
+        return 130
+    finally:
+        interrupt_requested.clear()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """End to end: train on generated data, then check the whole submission contract and the artifacts."""
 
+import json
+import math
+
+import cv2
+import keras
 import numpy as np
 import pandas as pd
+import pytest
+import tensorflow as tf
 
-from conftest import script
+from conftest import TINY_RUN, script
 
 
 def test_submission_contract(tiny_dataset, tiny_run):
@@ -22,3 +29,69 @@ def test_artifacts_written(tiny_run):
     history = pd.read_csv(tiny_run / "history.csv")
     assert history["phase"].tolist() == [1, 2]
     assert not list(tiny_run.glob(".partial-*")), "temporary files must not be left behind"
+
+
+def test_saved_model_loads_with_the_trained_input_size(tiny_run):
+    """model.keras loads on its own (safe mode) and maps 64-px RGB images to three class probabilities."""
+    model = keras.models.load_model(tiny_run / "model.keras", safe_mode=True)
+    assert model.input_shape == (None, 64, 64, 3)
+    assert model.output_shape == (None, len(script.CLASS_NAMES))
+
+
+def test_history_records_every_epoch_of_both_phases(tiny_run):
+    """One row per epoch, numbered on across the phases, with finite training and validation losses."""
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+
+
+def test_config_records_the_resolved_options_and_library_versions(tiny_dataset, tiny_run, monkeypatch):
+    """config.json holds every option as the run resolved it, defaults included, and the library versions."""
+    monkeypatch.setattr(script, "in_notebook", lambda: False)
+    config = json.loads((tiny_run / "config.json").read_text())
+    _, options = script.parse_arguments([*TINY_RUN, "--data-dir", str(tiny_dataset), "--output-dir", str(tiny_run)])
+    assert config["options"] == json.loads(json.dumps(vars(options)))
+    assert (config["options"]["epochs"], config["options"]["seed"]) == (1, script.SEED)
+    assert config["options"]["class_weights"] == list(script.CLASS_WEIGHTS)
+    expected_versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+                         "pandas": pd.__version__, "opencv": cv2.__version__}
+    assert expected_versions.items() <= config["versions"].items()
+
+
+def validation_row_ids(tiny_dataset, tiny_run):
+    """The row_ids the run held out, recomputed from its recorded split options."""
+    options = json.loads((tiny_run / "config.json").read_text())["options"]
+    table = script.load_train_table(tiny_dataset)
+    _, validation_rows = script.split_folds(table, 1, options["val_fraction"], options["seed"])[0]
+    return table["row_id"][validation_rows]
+
+
+def test_oof_covers_exactly_the_validation_rows(tiny_dataset, tiny_run):
+    """oof.csv has one probability row for each held-out row and for no training row."""
+    oof = pd.read_csv(tiny_run / "oof.csv", dtype={"row_id": str})
+    assert list(oof.columns) == ["row_id", *script.CLASS_NAMES]
+    assert sorted(oof["row_id"]) == sorted(validation_row_ids(tiny_dataset, tiny_run))
+    np.testing.assert_allclose(oof[list(script.CLASS_NAMES)].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_metrics_score_the_oof_predictions(tiny_dataset, tiny_run):
+    """metrics.json's score is finite and is the competition metric of oof.csv against the true labels."""
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    oof = pd.read_csv(tiny_run / "oof.csv", dtype={"row_id": str})
+    labels = pd.read_csv(tiny_dataset / "train.csv", dtype={"row_id": str}).drop(columns="image_path")
+    assert math.isfinite(metrics["score"])
+    assert metrics["rows"] == len(oof)
+    expected = script.score_predictions(labels[labels["row_id"].isin(oof["row_id"])], oof)["score"]
+    assert metrics["score"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_predict_reproduces_the_training_submission(tiny_dataset, tiny_run, tmp_path):
+    """`predict --model` alone gives the training run's submission: same rows, probabilities within 1e-4.
+    No --image-size is passed, so the 64 px must come from the model (the default is 224)."""
+    exit_code = script.main(["predict", "--model", str(tiny_run / "model.keras"), "--data-dir", str(tiny_dataset),
+                             "--output-dir", str(tmp_path)])
+    assert exit_code == 0
+    trained = pd.read_csv(tiny_run / "submission.csv", dtype={"row_id": str})
+    predicted = pd.read_csv(tmp_path / "submission.csv", dtype={"row_id": str})
+    assert predicted["row_id"].tolist() == trained["row_id"].tolist()
+    np.testing.assert_allclose(predicted[list(script.CLASS_NAMES)], trained[list(script.CLASS_NAMES)], atol=1e-4)

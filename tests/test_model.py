@@ -1,0 +1,94 @@
+"""The two training phases train exactly the intended layers, and BatchNormalization never learns."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import script
+
+IMAGE_SIZE = 32  # The smallest input ResNet50 accepts keeps each training step cheap.
+# With FINE_TUNE_LAYERS = 10, the unfrozen tail is ResNet50's last residual block; its convolutions are the
+# only base layers with weights left trainable (their BatchNormalization layers stay frozen).
+LAST_BLOCK_CONVOLUTIONS = {"conv5_block3_1_conv", "conv5_block3_2_conv", "conv5_block3_3_conv"}
+
+
+@pytest.fixture
+def model():
+    """A freshly built model in its phase 1 state: random weights, base frozen."""
+    return script.build_model(IMAGE_SIZE, None)
+
+
+def base_of(model):
+    return model.get_layer("resnet50")
+
+
+def head_layers(model):
+    """Names of the layers after the base that hold weights: the two Dense layers."""
+    return {layer.name for layer in model.layers if layer.weights and layer is not base_of(model)}
+
+
+def is_batch_normalization(layer):
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def layers_with_trainable_weights(model):
+    """Names of the layers, base layers included, that own at least one trainable weight."""
+    return {variable.path.split("/")[-2] for variable in model.trainable_weights}
+
+
+def snapshot(variables):
+    return [np.array(variable) for variable in variables]
+
+
+def train_one_batch(model, learning_rate):
+    """Compile as the training phase does and take one step on a small random batch."""
+    script.compile_model(model, learning_rate)
+    # Eager execution skips tracing the training graph, which costs more than the step itself; the layers
+    # receive the same training flags either way.
+    model.run_eagerly = True
+    generator = np.random.default_rng(0)
+    images = generator.normal(0, 50, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    labels = np.eye(len(script.CLASS_NAMES), dtype=np.float32)[[0, 1, 2, 0]]
+    model.train_on_batch(images, labels)
+
+
+def changed(before, after):
+    return [not np.array_equal(old, new) for old, new in zip(before, after)]
+
+
+def test_phase_one_trains_only_the_head(model):
+    """With the base frozen, one training step changes the head and no base weight at all."""
+    assert not base_of(model).trainable_weights
+    assert layers_with_trainable_weights(model) == head_layers(model)
+    base_before = snapshot(base_of(model).weights)
+    head_before = snapshot(model.trainable_weights)
+    train_one_batch(model, script.LEARNING_RATE)
+    assert not any(changed(base_before, snapshot(base_of(model).weights)))
+    assert all(changed(head_before, snapshot(model.trainable_weights)))
+
+
+def test_phase_two_unfreezes_the_last_layers_except_batch_normalization(model):
+    """Exactly the last FINE_TUNE_LAYERS base layers minus BatchNormalization become trainable, plus the head."""
+    script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
+    base_layers = base_of(model).layers
+    tail = base_layers[-script.FINE_TUNE_LAYERS:]
+    expected = {layer.name for layer in tail if not is_batch_normalization(layer)}
+    assert {layer.name for layer in base_layers if layer.trainable} == expected
+    assert not any(layer.trainable for layer in base_layers if is_batch_normalization(layer))
+    assert layers_with_trainable_weights(model) == LAST_BLOCK_CONVOLUTIONS | head_layers(model)
+
+
+def test_batch_normalization_stays_in_inference_mode_in_phase_two(model):
+    """A phase 2 training step moves the unfrozen convolutions but leaves every BatchNormalization weight and
+    moving statistic as it was: the layers normalise with their stored statistics, not the batch's."""
+    script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
+    normalization_weights = [
+        variable for layer in base_of(model).layers if is_batch_normalization(layer) for variable in layer.weights
+    ]
+    assert any("moving_mean" in variable.path for variable in normalization_weights)
+    normalization_before = snapshot(normalization_weights)
+    trainable_before = snapshot(model.trainable_weights)
+    # A large learning rate makes any update visible; the rate of phase 2 does not matter for this check.
+    train_one_batch(model, learning_rate=1e-2)
+    assert not any(changed(normalization_before, snapshot(normalization_weights)))
+    assert all(changed(trainable_before, snapshot(model.trainable_weights)))
