@@ -1536,25 +1536,21 @@ def resolve_output_dir(option):
 COMMANDS = ("train", "predict", "score", "prepare")
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def integer_at_least(minimum, reason=""):
+    """An argparse type: a whole number no smaller than `minimum`."""
+
+    def integer(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{reason}, got {text}")
+        return value
+
+    return integer
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def image_size(text):
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"ResNet50 needs at least 32 pixels, got {text}")
-    return value
+positive_int = integer_at_least(1)
+non_negative_int = integer_at_least(0)
+image_size = integer_at_least(32, " (ResNet50's smallest input)")
 
 
 def fraction(text):
