@@ -8,6 +8,7 @@ and writes a Kaggle `submission.csv`. Run it as `python script.py`, or paste it 
     python script.py --weights none --image-size 64   # offline smoke run on the sample data
     python script.py predict --model model.keras      # submission from a saved model, no training
     python script.py score --solution S.csv --submission P.csv
+    python script.py prepare --competition-dir DIR --out-dir OUT   # competition DICOMs → seed layout
 
 The pipeline: validate the CSVs and every image up front; stream batches from disk with parallel workers
 (OpenCV read → 3 channels → resize → ImageDataGenerator-style augmentation with cv2.warpAffine →
@@ -29,11 +30,12 @@ import json
 import math
 import platform
 import re
+import shlex
 import shutil
 import signal
 import sys
-import threading
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ from keras import layers
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
 
-# ============================================================================================== config
+# =============================================================================================== config
 # Plain defaults. Each is also a command-line option; in a notebook, edit them here or set sys.argv.
 
 DATA_DIR = None  # The folder with train.csv, test.csv and their images. None: ".", or on Kaggle what is attached.
@@ -129,8 +131,8 @@ class InputError(ValueError):
     """Bad user input: reported as one clear message and exit code 2, never a traceback."""
 
 
-# ================================================================================================ data
-# ------------------------------------------------------------------------- CSV loading and validation
+# ================================================================================================= data
+# ------------------------------------------------------------ CSV loading and validation, atomic writes
 
 
 def list_some(items, limit=20):
@@ -189,6 +191,29 @@ def read_table(path, columns):
     require_columns(path, frame, columns)
     refuse_duplicate_row_ids(path, frame)
     return frame
+
+
+def write_atomically(path, write):
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")  # Keeps the suffix Keras and pandas read.
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_csv(frame, path):
+    """A table as CSV, atomically; returns the path."""
+    write_atomically(path, lambda temporary: frame.to_csv(temporary, index=False))
+    return path
+
+
+def write_json(data, path):
+    """Data as indented JSON, atomically; returns the path."""
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"))
+    return path
 
 
 def parse_labels(path, frame):
@@ -354,7 +379,7 @@ def split_folds(table, folds, val_fraction, seed):
     return pairs if folds > 1 else pairs[:1]
 
 
-# ------------------------------------------------------------------------------------- image reading
+# ---------------------------------------------------------------------------------------- image reading
 
 
 class UnreadableImageError(InputError):
@@ -379,7 +404,7 @@ def read_image(path, image_size):
     return cv2.cvtColor(image, conversion)
 
 
-# -------------------------------------------------------------------------------------- augmentation
+# ----------------------------------------------------------------------------------------- augmentation
 
 # ImageDataGenerator samples the parameters; OpenCV applies them about 14× faster than its scipy path.
 image_data_generator = tf.keras.preprocessing.image.ImageDataGenerator(**AUGMENTATION)
@@ -424,7 +449,7 @@ def apply_transform(image, parameters):
     return image[:, ::-1] if parameters["flip_horizontal"] else image
 
 
-# ------------------------------------------------------------------------------------------ batching
+# --------------------------------------------------------------------------------------------- batching
 
 
 class ImageBatches(keras.utils.PyDataset):
@@ -490,7 +515,7 @@ class ImageBatches(keras.utils.PyDataset):
         self.start_epoch(self.epoch + 1)
 
 
-# ----------------------------------------------------------------- competition data (prepare)
+# --------------------------------------------------------------------------- competition data (prepare)
 # Turns the competition's DICOM layout into the seed layout: one 2.5D crop per labelled (study, condition,
 # level) and a CSV naming it. The CSV joins are plain pandas and need no images, so they can be checked on the
 # real CSVs alone; the pixel work is per series.
@@ -611,15 +636,16 @@ def load_pydicom():
 def read_slice(path):
     """Read one DICOM slice as (float32 pixels with bright meaning dense, row spacing, column spacing)."""
     pydicom = load_pydicom()
-    dataset = pydicom.dcmread(path)
+    dataset = pydicom.dcmread(path, force=True)  # Also files written without the 128-byte preamble.
     # Rescale slope and intercept may differ between slices of one series, so apply them before
     # windowing the series as a whole.
     pixels = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
     # MONOCHROME1 stores bright as low values; negating gives MONOCHROME2's order, and the
     # window below maps either range to 0..255.
-    if dataset.PhotometricInterpretation == "MONOCHROME1":
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = -pixels
-    row_spacing, column_spacing = (float(spacing) for spacing in dataset.PixelSpacing)
+    # A slice without PixelSpacing is taken as 1 mm per pixel rather than lost.
+    row_spacing, column_spacing = (float(spacing) for spacing in dataset.get("PixelSpacing") or (1.0, 1.0))
     return pixels, row_spacing, column_spacing
 
 
@@ -858,7 +884,7 @@ def run_prepare(
     return summary
 
 
-# =============================================================================================== model
+# ================================================================================================ model
 
 
 def find_local_imagenet_weights():
@@ -994,7 +1020,7 @@ def choose_precision(precision, strategy):
     return policy
 
 
-# ============================================================================================ training
+# ============================================================================================= training
 # A run keeps its resumable state in OUTPUT_DIR/.resume/fold{k}/: state.json (finished phases, the history so
 # far, the best validation loss, which files are current), the best weights, a backup of the model and its
 # optimizer after the last finished epoch (like Keras' BackupAndRestore, but crash-safe) and, once the fold is
@@ -1172,22 +1198,27 @@ def train_fold(table, train_rows, validation_rows, options, weights, fold_dir, s
     return model
 
 
-def predict_probabilities(model, image_paths, options):
-    """Softmax probabilities for images, streamed in order. A test image that breaks stops with its name."""
+def predict_probabilities(model, image_paths, options, skip_bad_images=False):
+    """Softmax probabilities for the images, streamed in order, and the mask of the images predicted.
+
+    An image that breaks stops the run with its name, unless skip_bad_images leaves it out (never for test rows).
+    """
     if len(image_paths) == 0:
-        return np.zeros((0, len(CLASS_NAMES)))
-    batches = ImageBatches(image_paths, model.input_shape[1], options.batch_size, workers=options.workers)
+        return np.zeros((0, len(CLASS_NAMES))), np.ones(0, bool)
+    batches = ImageBatches(image_paths, model.input_shape[1], options.batch_size, workers=options.workers,
+                           skip_bad_images=skip_bad_images)
     try:
-        return model.predict(batches, verbose=0).astype(np.float64)
+        probabilities = model.predict(batches, verbose=0).astype(np.float64)
     except Exception:
         if batches.failed_path:
             raise UnreadableImageError(f"{batches.failed_path}: cannot be decoded any more (it passed the check "
                                        "at the start). Restore the file and run again.") from None
         raise
+    return probabilities, ~np.isin(image_paths, list(batches.skipped))
 
 
 
-# ========================================================================================== evaluation
+# =========================================================================================== evaluation
 
 # The competition metric: a class-weighted log loss per condition group, plus a per-study "any severe
 # spinal stenosis" binary log loss, averaged with equal weight. Lower is better. Labels and predictions are
@@ -1447,27 +1478,6 @@ def save_plots(history, metrics, output_dir):
 # ============================================================================ prediction and submission
 
 
-def write_atomically(path, write):
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
-    path = Path(path)
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")  # Keeps the suffix Keras and pandas read.
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_csv(frame, path):
-    write_atomically(path, lambda temporary: frame.to_csv(temporary, index=False))
-    return path
-
-
-def write_json(data, path):
-    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"))
-    return path
-
-
 def fill_rows_without_image(test_table, image_probabilities, constants):
     """All test rows' probabilities: the models' for rows with an image, the best constant for the rest."""
     has_image = test_table["image_path"].notna().to_numpy()
@@ -1488,9 +1498,9 @@ def write_submission(row_ids, probabilities, path):
     return write_csv(probabilities_frame(row_ids, probabilities), path)
 
 
-# ============================================================================== command line and main
+# ================================================================================ command line and main
 
-# ------------------------------------------------------------------------------------------ Kaggle
+# ----------------------------------------------------------------------------------------------- Kaggle
 
 
 def on_kaggle():
@@ -1498,10 +1508,10 @@ def on_kaggle():
     return (KAGGLE_ROOT / "input").is_dir()
 
 
-def find_kaggle_data_dir():
-    """The data attached under /kaggle/input: a dataset in the seed layout, else a competition layout."""
+def find_kaggle_data_dir(split):
+    """The data attached under /kaggle/input for a split: a dataset in the seed layout, else the competition."""
     input_dir = KAGGLE_ROOT / "input"
-    for marker in ("train.csv", "test.csv", "train_series_descriptions.csv", "test_series_descriptions.csv"):
+    for marker in (f"{split}.csv", f"{split}_series_descriptions.csv"):
         for depth in range(1, 4):  # Datasets sit a few folders deep; don't walk the image trees.
             for path in sorted(input_dir.glob("/".join(["*"] * depth) + "/" + marker)):
                 # The competition's own train.csv is wide (no image_path); it is found by its series file.
@@ -1511,12 +1521,13 @@ def find_kaggle_data_dir():
     return None
 
 
-def resolve_data_dir(option):
+def resolve_data_dir(option, command):
     """--data-dir, else the current folder, else (on Kaggle) the data found under /kaggle/input."""
     if option is not None:
         return Path(option)
-    if on_kaggle() and not Path("train.csv").is_file() and not Path("test.csv").is_file():
-        found = find_kaggle_data_dir()
+    split = "test" if command == "predict" else "train"
+    if on_kaggle() and not Path(f"{split}.csv").is_file():
+        found = find_kaggle_data_dir(split)
         if found is not None:
             print(f"kaggle:  using the data in {found} (--data-dir chooses another)")
             return found
@@ -1530,7 +1541,7 @@ def resolve_output_dir(option):
     return KAGGLE_ROOT / "working" if on_kaggle() else Path(".")
 
 
-# ------------------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------------------- command line
 
 
 COMMANDS = ("train", "predict", "score", "prepare")
@@ -1762,16 +1773,17 @@ def train(options):
             keras.backend.clear_session()
             model = load_saved_model(model_paths[-1])
             validation_images = table["image_path"].to_numpy()[validation_rows]
-            predictions = {"validation": predict_probabilities(model, validation_images, options),
-                           "test": predict_probabilities(model, test_images, options)}
+            validation, predicted = predict_probabilities(model, validation_images, options, options.skip_bad_images)
+            predictions = {"validation": validation, "validation_rows": validation_rows[predicted],
+                           "test": predict_probabilities(model, test_images, options)[0]}
             write_atomically(fold_dir / "predictions.npz", lambda path: np.savez(path, **predictions))
             state["done"] = True
             write_json(state, fold_dir / "state.json")
             keras.backend.clear_session()  # Free this fold's model before the next one is built.
         with np.load(fold_dir / "predictions.npz") as predictions:
             oof_parts.append(predictions["validation"])
+            validated_rows.append(predictions["validation_rows"])
             test_parts.append(predictions["test"])
-        validated_rows.append(validation_rows)
         histories.append(pd.DataFrame(state["history"]).assign(fold=fold))
 
     history = pd.concat(histories, ignore_index=True)
@@ -1824,7 +1836,7 @@ def predict(options):
     test_images = test_table["image_path"].dropna().tolist()
     image_probabilities = []
     for path in options.model:  # One model in memory at a time.
-        image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options))
+        image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
         keras.backend.clear_session()
     probabilities = fill_rows_without_image(test_table, np.mean(image_probabilities, axis=0), constants)
     path = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
@@ -1851,7 +1863,8 @@ def prepare_for_run(competition_dir, output_dir, command):
 def run_command(command, options):
     """Dispatch to one command."""
     if command in ("train", "predict"):
-        options.data_dir, options.output_dir = resolve_data_dir(options.data_dir), resolve_output_dir(options.output_dir)
+        options.data_dir = resolve_data_dir(options.data_dir, command)
+        options.output_dir = resolve_output_dir(options.output_dir)
     if command in ("train", "predict") and is_competition_layout(options.data_dir):
         options.data_dir = prepare_for_run(options.data_dir, options.output_dir, command)
     if command == "train":
@@ -1882,7 +1895,8 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         print("\nstopped by Ctrl-C." + (" The state after the last finished epoch is saved; continue with:\n"
-              f"  python script.py {' '.join(argv)} --resume" if command == "train" else ""), file=sys.stderr)
+              f"  python script.py {shlex.join(argv if '--resume' in argv else [*argv, '--resume'])}"
+              if command == "train" else ""), file=sys.stderr)
         return 130
     finally:
         interrupt_requested.clear()

@@ -23,13 +23,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import synthetic
-from conftest import script
+from conftest import QUICK_RUN, script
 
 ACCEPT, REJECT, EITHER = "accept", "reject", "either"
 REQUIRED_COLUMNS = {"train.csv": script.TRAIN_COLUMNS, "test.csv": script.TEST_COLUMNS}
 TRAIN_ROWS, TEST_ROWS = 16, 5  # Each train row is its own study; each class has 5 or more, enough for 5 folds.
 VALIDATION_RUN = ["--weights", "none"]
-ODD_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0", "--batch-size", "16"]
 
 # Where each kind of broken image_path points, relative to the data folder.
 BROKEN_IMAGE_PATHS = {
@@ -413,7 +412,7 @@ def odd_run(tmp_path_factory):
     generator = np.random.default_rng(0)
     for file_name in REQUIRED_COLUMNS:
         write_odd_split(data_dir, file_name, generator)
-    exit_code = script.main([*ODD_RUN, "--data-dir", str(data_dir), "--output-dir", str(output_dir)])
+    exit_code = script.main([*QUICK_RUN, "--data-dir", str(data_dir), "--output-dir", str(output_dir)])
     assert exit_code == 0
     return data_dir, output_dir
 

@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPOSITORY
+from conftest import QUICK_RUN, REPOSITORY
 
 # The cheapest run that still trains, validates and predicts: 32 px, random weights, one epoch, no phase 2.
-TINY_NOTEBOOK_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0",
-                     "--batch-size", "16"]
 # The notebook client's limit for each cell; the tiny run takes well under a minute even on a busy machine.
 CELL_TIMEOUT_SECONDS = 300
 # How VS Code starts a Jupyter kernel: `--f=` where Jupyter passes `-f`, after options of its own.
@@ -38,7 +36,7 @@ SUBMISSION_COLUMNS = ["row_id", "normal_mild", "moderate", "severe"]
 
 def notebook_cells(data_dir, train_output_dir, predict_output_dir):
     """The notebook's cells by name, in execution order."""
-    train_arguments = ["--data-dir", str(data_dir), "--output-dir", str(train_output_dir), *TINY_NOTEBOOK_RUN]
+    train_arguments = ["--data-dir", str(data_dir), "--output-dir", str(train_output_dir), *QUICK_RUN]
     predict_arguments = ["predict", "--model", str(train_output_dir / "model.keras"), "--data-dir", str(data_dir),
                          "--output-dir", str(predict_output_dir)]
     # What the options must equal when every argument given is the kernel's own: the parser's defaults.

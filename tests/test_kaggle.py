@@ -1,0 +1,138 @@
+"""Kaggle detection: which data, output folder and ResNet50 weights a run picks up under a Kaggle root.
+
+Every test points script.KAGGLE_ROOT at a fake root in a temporary folder and runs from an empty
+temporary folder, so neither the machine's real /kaggle nor files in the repository can interfere.
+Dataset folder names are random, since a user may attach a dataset under any name.
+"""
+
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import synthetic
+from conftest import QUICK_RUN, script
+
+COMPETITION_SLUG = "rsna-2024-lumbar-spine-degenerative-classification"
+
+
+@pytest.fixture
+def kaggle_root(tmp_path, monkeypatch):
+    """A fake Kaggle root with nothing attached yet, an empty current folder and an empty Keras cache."""
+    root = tmp_path / "kaggle"
+    root.mkdir()
+    monkeypatch.setattr(script, "KAGGLE_ROOT", root)
+    current_folder = tmp_path / "current_folder"
+    current_folder.mkdir()
+    monkeypatch.chdir(current_folder)
+    # The real ~/.keras may hold the ImageNet weights, which would hide what the Kaggle search finds.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    return root
+
+
+def random_name(prefix=""):
+    """A folder name the script cannot know in advance."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def write_csv_header(path, columns):
+    """A CSV holding only its header: all that detection reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(",".join(columns) + "\n")
+
+
+def attach_seed_dataset(kaggle_root, *folders):
+    """A seed-layout train.csv (it has image_path) in a dataset under input/; returns its folder."""
+    dataset_dir = kaggle_root.joinpath("input", *folders)
+    write_csv_header(dataset_dir / "train.csv", script.TRAIN_COLUMNS)
+    return dataset_dir
+
+
+def attach_competition(kaggle_root):
+    """The competition's own folder: a wide train.csv (no image_path) and its series descriptions."""
+    competition_dir = kaggle_root / "input" / COMPETITION_SLUG
+    write_csv_header(competition_dir / "train.csv", ["study_id", *script.WIDE_LABEL_COLUMNS])
+    write_csv_header(competition_dir / "train_series_descriptions.csv", ["study_id", "series_id", "series_description"])
+    return competition_dir
+
+
+def test_without_kaggle_input_both_folders_default_to_the_current_one(kaggle_root):
+    """A root without input/ is not Kaggle, even when working/ exists: data and outputs stay in "."."""
+    (kaggle_root / "working").mkdir()
+    assert not script.on_kaggle()
+    assert script.resolve_data_dir(None, "train") == Path(".")
+    assert script.resolve_output_dir(None) == Path(".")
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_attached_seed_dataset_is_found_and_named(kaggle_root, capsys, depth):
+    """A seed-layout dataset up to three folders deep becomes the data folder, and the run says which it took;
+    the outputs go to working/, the folder Kaggle keeps."""
+    dataset_dir = attach_seed_dataset(kaggle_root, *(random_name() for _ in range(depth)))
+    assert script.on_kaggle()
+    assert script.resolve_data_dir(None, "train") == dataset_dir
+    assert str(dataset_dir) in capsys.readouterr().out
+    assert script.resolve_output_dir(None) == kaggle_root / "working"
+
+
+def test_competition_folder_is_found_by_its_series_descriptions(kaggle_root):
+    """The competition's wide train.csv has no image_path, so its folder is recognised by the series file."""
+    competition_dir = attach_competition(kaggle_root)
+    assert script.find_kaggle_data_dir("train") == competition_dir
+    assert script.is_competition_layout(competition_dir)
+
+
+def test_seed_dataset_is_preferred_over_the_competition(kaggle_root):
+    """With both attached, the ready seed layout wins, even sorted after the competition and deeper down."""
+    attach_competition(kaggle_root)
+    dataset_dir = attach_seed_dataset(kaggle_root, random_name("zz-"), random_name())
+    assert script.find_kaggle_data_dir("train") == dataset_dir
+
+
+def test_train_csv_in_the_current_folder_wins_over_attached_data(kaggle_root):
+    """A train.csv next to the script is the user's choice; only the output folder still follows Kaggle."""
+    attach_seed_dataset(kaggle_root, random_name())
+    write_csv_header(Path("train.csv"), script.TRAIN_COLUMNS)
+    assert script.resolve_data_dir(None, "train") == Path(".")
+    assert script.resolve_output_dir(None) == kaggle_root / "working"
+
+
+def test_explicit_folders_win_over_detection(kaggle_root, tmp_path):
+    """--data-dir and --output-dir are used as given, whatever is attached."""
+    attach_seed_dataset(kaggle_root, random_name())
+    data_dir, output_dir = tmp_path / random_name(), tmp_path / random_name()
+    _, options = script.parse_arguments(["--data-dir", str(data_dir), "--output-dir", str(output_dir)])
+    assert script.resolve_data_dir(options.data_dir, "train") == data_dir
+    assert script.resolve_output_dir(options.output_dir) == output_dir
+
+
+def test_imagenet_weights_in_an_attached_dataset_are_used(kaggle_root):
+    """The notop weights file a few folders deep in any dataset is loaded from disk instead of downloaded."""
+    # Four folders deep, as Kaggle mounts a model: input/{model}/{framework}/{variation}/{version}/.
+    weights_dir = kaggle_root.joinpath("input", *(random_name() for _ in range(4)))
+    weights_path = weights_dir / script.IMAGENET_WEIGHTS_FILE
+    weights_dir.mkdir(parents=True)
+    weights_path.write_bytes(b"")
+    assert script.find_local_imagenet_weights() == weights_path
+    weights, source = script.resolve_weights("imagenet")
+    assert weights == str(weights_path)
+    assert "local copy" in source and str(weights_path) in source
+
+
+def test_without_a_local_copy_imagenet_weights_are_downloaded(kaggle_root):
+    """With no weights file attached or cached, Keras is left to download them."""
+    attach_seed_dataset(kaggle_root, random_name())
+    assert script.find_local_imagenet_weights() is None
+    assert script.resolve_weights("imagenet") == ("imagenet", "ImageNet, downloaded")
+
+
+def test_training_on_kaggle_needs_no_folder_options(kaggle_root):
+    """A bare training command finds the attached dataset and writes the submission to working/, not to "."."""
+    dataset_dir = kaggle_root / "input" / random_name()
+    synthetic.make_dataset(dataset_dir, train_studies=6, test_studies=1, image_size=32)
+    assert script.main(QUICK_RUN) == 0
+    submission = pd.read_csv(kaggle_root / "working" / "submission.csv", dtype={"row_id": str})
+    test = pd.read_csv(dataset_dir / "test.csv", dtype={"row_id": str})
+    assert submission["row_id"].tolist() == test["row_id"].tolist()
+    assert not list(Path(".").iterdir())
