@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,9 @@ def read_csv(path):
         raise InputError(f"{path}: file not found. Check the folder given on the command line.")
     try:
         # index_col=False: a trailing comma on every data row must not turn row_id into the index.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)  # pandas' note that it dropped that comma.
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
         # pandas renames a repeated header ("severe", "severe.1"), so the names are read again as written.
         header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
@@ -988,12 +991,43 @@ def choose_strategy(name):
     return tf.distribute.get_strategy()
 
 
-def local_replicas(strategy):
-    """The replicas on this worker: all of them, except when several workers share the training."""
+def worker_count(strategy):
+    """How many processes train together: the chief and the workers of a TF_CONFIG cluster, else 1."""
     resolver = getattr(strategy, "cluster_resolver", None)
     cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    workers = sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) or 1
-    return strategy.num_replicas_in_sync // workers
+    return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) or 1
+
+
+def strategy_name(strategy):
+    """The public name: tf.distribute.MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
+
+
+def allow_multi_worker_training(model):
+    """Work around two Keras 3 bugs that stop MultiWorkerMirroredStrategy training; only for several workers.
+
+    1. fit() first averages one batch over the workers with strategy.reduce on a tuple, which this strategy
+       cannot do (keras-team/keras#20585). A built model without its own strategy skips that step and uses the
+       strategy in scope.
+    2. Each step's metrics are averaged over the workers along axis 0, which fails on scalars
+       (tensorflow/tensorflow#72388). They are already in sync across replicas, so the first replica's copy is
+       the value, as Keras itself does on TPUs.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    model._distribute_strategy = None
+    if not getattr(trainer.reduce_per_replica, "takes_first_across_workers", False):
+        reduce_per_replica = trainer.reduce_per_replica
+
+        def reduce_in_sync(values, strategy, reduction):
+            if reduction == "auto" and strategy.extended._in_multi_worker_mode():
+                reduction = "first"
+            return reduce_per_replica(values, strategy, reduction)
+
+        reduce_in_sync.takes_first_across_workers = True
+        trainer.reduce_per_replica = reduce_in_sync
 
 
 def is_chief(strategy):
@@ -1129,7 +1163,7 @@ def make_batches(table, rows, options, strategy, augment=False):
     return ImageBatches(
         table["image_path"].to_numpy()[rows],
         options.image_size,
-        options.batch_size * local_replicas(strategy),
+        options.batch_size * strategy.num_replicas_in_sync,  # Keras splits each batch over all replicas of all workers.
         labels=table["label"].to_numpy()[rows],
         class_weights=options.class_weights,
         augment=augment,
@@ -1185,6 +1219,8 @@ def train_fold(table, train_rows, validation_rows, options, weights, fold_dir, s
                 restore_best_weights(model, fold_dir, state)  # Fine-tuning starts from phase 1's best epoch.
                 unfreeze_model(model, FINE_TUNE_LAYERS)
             compile_model(model, learning_rate)  # Again after unfreezing, so the change takes effect.
+            if worker_count(strategy) > 1:
+                allow_multi_worker_training(model)
             print(f"phase {phase}: " + ("base frozen" if phase == 1 else
                   f"last {FINE_TUNE_LAYERS} base layers unfrozen (BatchNormalization frozen)") +
                   f", epochs {first_epoch + 1}-{end_epoch} at learning rate {learning_rate:g}")
@@ -1750,7 +1786,7 @@ def train(options):
     open_run_state(resume_dir, options)
     keras.utils.set_random_seed(options.seed)
     print_start_summary(data_dir, table, test_table, weights_source)
-    print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), global batch "
+    print(f"strategy: {strategy_name(strategy)}, {strategy.num_replicas_in_sync} replica(s), global batch "
           f"{options.batch_size * strategy.num_replicas_in_sync}; precision: {policy}"
           + ("" if is_chief(strategy) else f"; not the chief, so writing to scratch folder {output_dir}"))
 
@@ -1805,6 +1841,8 @@ def train(options):
     probabilities = fill_rows_without_image(test_table, np.mean(test_parts, axis=0), constants)
     artifacts["submission"] = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
     shutil.rmtree(resume_dir)  # The run is complete: nothing left to resume.
+    if not is_chief(strategy):
+        shutil.rmtree(output_dir)  # A worker's copies only kept its steps in line with the chief's.
     print_end_summary(artifacts, model_paths, data_dir, time.time() - started)
     return 0
 

@@ -276,12 +276,12 @@ def test_strategies_that_cannot_run_are_refused(data_dir, tmp_path, monkeypatch,
 # ------------------------------------------------------------------------------ the chief and the replicas
 
 
-def strategy_in(cluster, task_type=None, task_id=None, replicas=1):
+def strategy_in(cluster, task_type=None, task_id=None):
     """A stand-in for a strategy: a real cluster resolver for `cluster`, or none for a single-process strategy
-    (cluster None), and a replica count."""
+    (cluster None)."""
     resolver = None if cluster is None else tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
-    return SimpleNamespace(cluster_resolver=resolver, num_replicas_in_sync=replicas)
+    return SimpleNamespace(cluster_resolver=resolver)
 
 
 @pytest.mark.parametrize("strategy, chief", [
@@ -298,12 +298,12 @@ def test_is_chief(strategy, chief):
     assert script.is_chief(strategy) is chief
 
 
-@pytest.mark.parametrize("strategy, local", [
-    (strategy_in(None, replicas=2), 2),
-    (strategy_in({}, replicas=1), 1),
-    (strategy_in(TWO_WORKERS, "worker", 1, replicas=4), 2),
-    (strategy_in(CHIEF_AND_TWO_WORKERS, "chief", 0, replicas=6), 2),
+@pytest.mark.parametrize("strategy, workers", [
+    (strategy_in(None), 1),
+    (strategy_in({}), 1),
+    (strategy_in(TWO_WORKERS, "worker", 1), 2),
+    (strategy_in(CHIEF_AND_TWO_WORKERS, "chief", 0), 3),
 ], ids=["one-process", "no-cluster", "two-workers", "chief-and-two-workers"])
-def test_local_replicas(strategy, local):
-    """A process's share of the replicas: all of them in one process, else an equal share per chief or worker."""
-    assert script.local_replicas(strategy) == local
+def test_worker_count(strategy, workers):
+    """The processes that train together: the chief and the workers of a cluster, else just this one."""
+    assert script.worker_count(strategy) == workers
