@@ -858,17 +858,9 @@ def prepare_competition(
     }
 
 
-def run_prepare(
-    competition_dir,
-    out_dir,
-    split="train",
-    coordinates=None,
-    crop_mm=PREPARE_CROP_MM,
-    crop_pixels=PREPARE_CROP_PIXELS,
-    workers=WORKERS,
-):
-    """The prepare command: build the seed layout and print what was done and skipped."""
-    summary = prepare_competition(competition_dir, out_dir, split, coordinates, crop_mm, crop_pixels, workers)
+def print_prepare_summary(summary):
+    """Print what prepare did and what it skipped, and why."""
+    split = summary["split"]
     print(
         f"Wrote {summary['rows']:,} rows to {summary['csv']} "
         f"({summary['images_written']:,} new crops, {summary['images_kept']:,} kept)."
@@ -884,7 +876,6 @@ def run_prepare(
         print(f"Missing series folders or instance files: {list_some(summary['missing_files'])}.")
     if summary["undecodable_files"]:
         print(f"Undecodable DICOM files: {list_some(summary['undecodable_files'])}.")
-    return summary
 
 
 # ================================================================================================ model
@@ -1894,7 +1885,7 @@ def prepare_for_run(competition_dir, output_dir, command):
     splits = (["train"] if command == "train" else []) + ["test"]
     for split in splits:
         if (competition_dir / f"{split}_series_descriptions.csv").is_file():
-            run_prepare(competition_dir, prepared, split)
+            print_prepare_summary(prepare_competition(competition_dir, prepared, split))
     return prepared
 
 
@@ -1910,8 +1901,9 @@ def run_command(command, options):
     if command == "predict":
         return predict(options)
     if command == "prepare":
-        run_prepare(options.competition_dir, options.out_dir, options.split, options.coordinates,
-                    options.crop_mm, options.crop_pixels, options.workers)
+        print_prepare_summary(prepare_competition(options.competition_dir, options.out_dir, options.split,
+                                                  options.coordinates, options.crop_mm, options.crop_pixels,
+                                                  options.workers))
         return 0
     if command == "score":
         run_score(options.solution, options.submission)

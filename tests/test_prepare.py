@@ -245,8 +245,8 @@ def test_missing_image_folder_raises_input_error(tmp_path):
         P.prepare_competition(tmp_path, tmp_path / "out")
 
 
-def test_run_prepare_prints_counts_and_names_broken_files(competition, tmp_path, capsys):
-    P.run_prepare(competition.root, tmp_path, crop_mm=CROP_MM, crop_pixels=CROP_PIXELS, workers=2)
+def test_prepare_summary_prints_counts_and_names_broken_files(competition, tmp_path, capsys):
+    P.print_prepare_summary(P.prepare_competition(competition.root, tmp_path, crop_mm=CROP_MM, crop_pixels=CROP_PIXELS, workers=2))
     printed = capsys.readouterr().out
     assert f"{len(expected_train_row_ids(competition))} rows to {tmp_path / 'train.csv'}" in printed
     assert f"{len(competition.blank_row_ids)} with a blank label" in printed
