@@ -1090,26 +1090,31 @@ class StopOnInterrupt(keras.callbacks.Callback):
 
 
 class TrainingState(keras.callbacks.Callback):
-    """After every epoch, saves what a resumed run needs: the model and optimizer (a backup), the best weights
-    so far by validation loss, and the history. Each file gets a new name and state.json, written last and
-    atomically, says which files are current, so a SIGKILL at any moment leaves a consistent state."""
+    """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
+    validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
+    from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
+    state.json, written last and atomically, says which are current: a SIGKILL at any moment leaves a
+    consistent state."""
 
-    def __init__(self, fold_dir, phase, state):
+    def __init__(self, fold_dir, phase, end_epoch, state):
         super().__init__()
-        self.fold_dir, self.phase, self.state = fold_dir, phase, state
+        self.fold_dir, self.phase, self.end_epoch, self.state = fold_dir, phase, end_epoch, state
 
     def on_epoch_end(self, epoch, logs=None):
-        superseded = []
+        superseded = [self.state["backup_file"]]
         row = {"phase": self.phase, "epoch": epoch, **{name: float(value) for name, value in (logs or {}).items()}}
         self.state["history"] = [old for old in self.state["history"] if old["epoch"] != epoch] + [row]
         best = self.state["best_val_loss"]
-        if row.get("val_loss", math.nan) < (math.inf if best is None else best):  # NaN is never better.
+        if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
             superseded.append(self.state["best_file"])
-            self.state.update(best_val_loss=row["val_loss"], best_file=f"best-epoch{epoch + 1}.npz")
+            self.state.update(best_val_loss=row.get("val_loss"), best_file=f"best-epoch{epoch + 1}.npz")
             write_atomically(self.fold_dir / self.state["best_file"], lambda path: np.savez(path, *self.model.get_weights()))
-        superseded.append(self.state["backup_file"])
-        self.state.update(backup_file=f"backup-epoch{epoch + 1}.weights.h5", backup_epoch=epoch + 1)
-        write_atomically(self.fold_dir / self.state["backup_file"], self.model.save_weights)  # With the optimizer.
+        if epoch + 1 == self.end_epoch:
+            self.state.update(backup_file=None, backup_epoch=None)
+            self.state["finished_phases"].append(self.phase)
+        else:
+            self.state.update(backup_file=f"backup-epoch{epoch + 1}.weights.h5", backup_epoch=epoch + 1)
+            write_atomically(self.fold_dir / self.state["backup_file"], self.model.save_weights)  # With the optimizer.
         write_json(self.state, self.fold_dir / "state.json")
         for name in superseded:
             if name and name not in (self.state["best_file"], self.state["backup_file"]):
@@ -1117,7 +1122,7 @@ class TrainingState(keras.callbacks.Callback):
 
 
 def restore_best_weights(model, fold_dir, state):
-    """Load the best epoch's weights, when there was a validation set to judge by."""
+    """Load the best epoch's weights (without a validation set, the latest epoch's)."""
     if state["best_file"]:
         with np.load(fold_dir / state["best_file"]) as saved:
             model.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
@@ -1125,7 +1130,7 @@ def restore_best_weights(model, fold_dir, state):
 
 def restore_backup(model, fold_dir, state, phase, first_epoch):
     """Continue a phase after its last finished epoch: reload the model and optimizer; returns that epoch."""
-    if state["backup_file"] is None or state["history"][-1]["phase"] != phase:
+    if state["backup_file"] is None:
         return first_epoch
     model.optimizer.build(model.trainable_variables)  # Its slots must exist before they can be loaded.
     model.load_weights(fold_dir / state["backup_file"])
@@ -1190,7 +1195,7 @@ def run_phase(model, train_batches, validation_batches, phase, first_epoch, end_
     """fit() for one phase, resuming after its last finished epoch; names an image that breaks mid-run."""
     resume_epoch = restore_backup(model, fold_dir, state, phase, first_epoch)
     train_batches.start_epoch(resume_epoch)
-    callbacks = [TrainingState(fold_dir, phase, state), StopOnInterrupt()]
+    callbacks = [TrainingState(fold_dir, phase, end_epoch, state), StopOnInterrupt()]
     try:
         model.fit(
             train_batches,
@@ -1230,8 +1235,6 @@ def train_fold(table, train_rows, validation_rows, options, weights, fold_dir, s
                   f"last {FINE_TUNE_LAYERS} base layers unfrozen (BatchNormalization frozen)") +
                   f", epochs {first_epoch + 1}-{end_epoch} at learning rate {learning_rate:g}")
             run_phase(model, train_batches, validation_batches, phase, first_epoch, end_epoch, fold_dir, state)
-            state["finished_phases"].append(phase)
-            write_json(state, fold_dir / "state.json")
         restore_best_weights(model, fold_dir, state)
     skipped = train_batches.skipped | getattr(validation_batches, "skipped", set())
     if skipped:
@@ -1809,10 +1812,10 @@ def train(options):
         else:
             model = train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy)
             write_atomically(model_paths[-1], model.save)
-            # Predict with the saved file, outside any distribution strategy: exactly what `predict` will do.
-            del model
-            keras.backend.clear_session()
-            model = load_saved_model(model_paths[-1])
+            if worker_count(strategy) > 1:  # Keras cannot predict under MultiWorkerMirroredStrategy: use the file.
+                del model
+                keras.backend.clear_session()
+                model = load_saved_model(model_paths[-1])
             validation_images = table["image_path"].to_numpy()[validation_rows]
             validation, predicted = predict_probabilities(model, validation_images, options, options.skip_bad_images)
             predictions = {"validation": validation, "validation_rows": validation_rows[predicted],
