@@ -1812,7 +1812,7 @@ def train(options):
         else:
             model = train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy)
             write_atomically(model_paths[-1], model.save)
-            if worker_count(strategy) > 1:  # Keras cannot predict under MultiWorkerMirroredStrategy: use the file.
+            if strategy.num_replicas_in_sync > 1:  # Keras predicts unevenly split batches on one device only.
                 del model
                 keras.backend.clear_session()
                 model = load_saved_model(model_paths[-1])
