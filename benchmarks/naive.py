@@ -39,15 +39,9 @@ def load_images(image_paths, image_size):
 
 
 def augmenter():
-    """The seed's augmentation: ImageDataGenerator, which applies each transform with scipy on the CPU."""
-    return tf.keras.preprocessing.image.ImageDataGenerator(
-        rotation_range=20,
-        width_shift_range=0.2,
-        height_shift_range=0.2,
-        shear_range=0.2,
-        zoom_range=0.2,
-        horizontal_flip=True,
-    )
+    """The seed's augmentation (the configuration script.py keeps as AUGMENTATION): ImageDataGenerator, which
+    applies each transform with scipy on the CPU."""
+    return tf.keras.preprocessing.image.ImageDataGenerator(**script.AUGMENTATION)
 
 
 def parse_arguments(argv):
