@@ -121,6 +121,8 @@ CONDITION_GROUPS = {
 }
 STUDY_PATTERN = re.compile(r"^(\d+)_")  # Row ids like 4003253_spinal_canal_stenosis_l1_l2 name their study.
 IMAGENET_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_WEIGHTS_FILE
+IMAGENET_WEIGHTS_MD5 = "4d473c1dd8becc155b73f8504c6f6626"  # As keras.applications checks it.
 RESNET50_PARAMETERS = 23_587_712  # ResNet50 without its top, for the disk-space estimate.
 RESNET50_TOP_LAYER_PARAMETERS = 4_459_520  # The three conv layers fine-tuning unfreezes (conv5_block3_*).
 KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # Kaggle's folders; tests point this elsewhere.
@@ -907,13 +909,27 @@ def find_local_imagenet_weights():
     return next((path for path in candidates if path.is_file()), None)
 
 
+def download_imagenet_weights():
+    """Fetch the ImageNet weights into the Keras cache now, so that without internet the run stops before it
+    writes anything."""
+    try:
+        path = keras.utils.get_file(IMAGENET_WEIGHTS_FILE, IMAGENET_WEIGHTS_URL, cache_subdir="models",
+                                    file_hash=IMAGENET_WEIGHTS_MD5)
+    except Exception as error:  # Keras reports a failed download as a plain Exception.
+        raise InputError(
+            f"--weights imagenet: could not download {IMAGENET_WEIGHTS_FILE} ({error}). Pass --weights PATH to a "
+            "local copy (on Kaggle, attach it as a dataset), or --weights none to start from random weights."
+        ) from None
+    return path, f"ImageNet, downloaded to {path}"
+
+
 def resolve_weights(choice):
     """(what ResNet50 should load, a sentence saying where it comes from) for --weights."""
     if choice.lower() == "none":
         return None, "none (random initialisation)"
     if choice.lower() == "imagenet":
         local = find_local_imagenet_weights()
-        return (str(local), f"ImageNet, local copy {local}") if local else ("imagenet", "ImageNet, downloaded")
+        return (str(local), f"ImageNet, local copy {local}") if local else download_imagenet_weights()
     path = Path(choice).expanduser()
     if not path.is_file():
         raise InputError(f"--weights {choice}: file not found. Pass imagenet, none, or a path to a weights file.")

@@ -120,11 +120,26 @@ def test_imagenet_weights_in_an_attached_dataset_are_used(kaggle_root):
     assert "local copy" in source and str(weights_path) in source
 
 
-def test_without_a_local_copy_imagenet_weights_are_downloaded(kaggle_root):
-    """With no weights file attached or cached, Keras is left to download them."""
+def test_without_a_local_copy_imagenet_weights_are_downloaded_up_front(kaggle_root, monkeypatch, tmp_path):
+    """With no weights file attached or cached, the weights are fetched into the Keras cache before the run
+    writes anything (the download itself is faked: tests use no network)."""
     attach_seed_dataset(kaggle_root, random_name())
     assert script.find_local_imagenet_weights() is None
-    assert script.resolve_weights("imagenet") == ("imagenet", "ImageNet, downloaded")
+    requests = []
+    downloaded = tmp_path / script.IMAGENET_WEIGHTS_FILE
+    monkeypatch.setattr(script.keras.utils, "get_file", lambda *arguments, **options: requests.append(arguments) or str(downloaded))
+    assert script.resolve_weights("imagenet") == (str(downloaded), f"ImageNet, downloaded to {downloaded}")
+    assert requests == [(script.IMAGENET_WEIGHTS_FILE, script.IMAGENET_WEIGHTS_URL)]
+
+
+def test_a_failed_download_is_refused_with_the_ways_out(kaggle_root, monkeypatch):
+    """Offline, --weights imagenet without a local copy exits 2 before anything is written, saying what to pass."""
+    def fail(*arguments, **options):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(script.keras.utils, "get_file", fail)
+    with pytest.raises(script.InputError, match="--weights PATH.*--weights none"):
+        script.resolve_weights("imagenet")
 
 
 def test_training_on_kaggle_needs_no_folder_options(kaggle_root):
