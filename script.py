@@ -1026,7 +1026,7 @@ def strategy_name(strategy):
     """The public name: tf.distribute.MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return "MultiWorkerMirroredStrategy"
-    return type(strategy).__name__
+    return type(strategy).__name__.lstrip("_")  # The default strategy's class is private.
 
 
 def allow_multi_worker_training(model):
@@ -1830,6 +1830,7 @@ def train(options):
         if state["done"]:
             print("finished before the interruption: reusing its model and predictions")
         else:
+            keras.mixed_precision.set_global_policy(policy)  # clear_session() after a fold resets it.
             model = train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy)
             write_atomically(model_paths[-1], model.save)
             if strategy.num_replicas_in_sync > 1:  # Keras predicts unevenly split batches on one device only.

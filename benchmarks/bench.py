@@ -193,10 +193,11 @@ def source_size(image_size):
     return round(image_size * SOURCE_SCALE)
 
 
-def training_model(image_size, phase):
+def training_model(options, phase):
     """script.py's model, compiled as script.py trains it in `phase` (1: base frozen, 2: last layers unfrozen)."""
     keras.backend.clear_session()
-    model = script.build_model(image_size, None)
+    keras.mixed_precision.set_global_policy(options.dtype_policy)  # After clear_session(), which resets it.
+    model = script.build_model(options.image_size, None)
     if phase == 1:
         script.compile_model(model, script.LEARNING_RATE)
     else:
@@ -227,7 +228,7 @@ def steps_of(data, options):
 
 def training_throughput(paths, labels, phase, options, streamed):
     """A fresh model of `phase` trained on the images streamed from disk, or on in-memory tensors (the ceiling)."""
-    model = training_model(options.image_size, phase)
+    model = training_model(options, phase)
     if streamed:
         data = streamed_batches(paths, labels, options, augment=True)
     else:
@@ -361,7 +362,7 @@ def benchmark_end_to_end(bench):
 def benchmark_predict(bench):
     options = bench.options
     paths, labels = bench.training_rows(bench.timed_images)
-    model = training_model(options.image_size, 1)
+    model = training_model(options, 1)
     in_memory = in_memory_batches(paths, labels, options, with_labels=False)
     ceiling = bench.best_of(predict_throughput, model, in_memory, options)
     streamed = streamed_batches(paths, None, options, augment=False)
@@ -458,7 +459,8 @@ def print_report(header, options, results):
           f"{header['memory_gib']} GiB, {header['platform']}")
     print("  ".join(f"{name} {version}" for name, version in header["versions"].items()))
     print(f"image size {options.image_size} px, N = {options.images} images, batch {options.batch_size}, "
-          f"{options.warmup_steps} warm-up + {options.steps} timed steps\n")
+          f"{options.warmup_steps} warm-up + {options.steps} timed steps, dtype policy {options.dtype_policy}, "
+          f"best of {options.repeats}\n")
     width = max(len(result.measurement) for result in results)
     print(f"{'section':<11} {'measurement':<{width}} {'value':>15}  {'target':<7} verdict")
     for result in results:
@@ -475,6 +477,9 @@ def parse_arguments(argv):
     parser.add_argument("--steps", type=int, help="timed training or prediction steps (default 20; 4 with --quick)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=script.BATCH_SIZE, help="(default: %(default)s)")
+    parser.add_argument("--dtype-policy", default="float32", choices=("float32", "mixed_bfloat16"),
+                        help="Keras dtype policy of the model, predict and end-to-end sections; the subprocess "
+                             "runs use script.py's own --precision default (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure each training, prediction and wallclock figure this many times and keep "
                              "the best (default: %(default)s; use 2 or 3 on a busy machine)")
