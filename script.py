@@ -421,9 +421,16 @@ def to_rgb(image):
     return image if scale == 1 else np.multiply(image, np.float32(scale), out=image)
 
 
-def read_image(path, image_size):
-    """Any image OpenCV reads (8/16-bit; gray, BGR or BGRA) as float32 RGB in [0, 255], image_size square."""
-    return to_rgb(resize(read_pixels(path), image_size))
+def read_image(path, image_size, augmentation_seed=None):
+    """Any image OpenCV reads (8/16-bit; gray, BGR or BGRA) as float32 RGB in [0, 255], image_size square.
+
+    With a seed, ImageDataGenerator-style augmentation is applied first, in the stored type, where warping
+    costs several times less than on three float channels.
+    """
+    image = resize(read_pixels(path), image_size)
+    if augmentation_seed is not None:
+        image = apply_transform(image, random_transform(image.shape, augmentation_seed))
+    return to_rgb(image)
 
 
 # ----------------------------------------------------------------------------------------- augmentation
@@ -509,18 +516,15 @@ class ImageBatches(keras.utils.PyDataset):
 
     def load(self, row):
         """One image, augmented with a seed unique to (seed, epoch, row); None for a skipped bad image."""
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0]) if self.augment else None
         try:
-            image = resize(read_pixels(self.image_paths[row]), self.image_size)
+            return read_image(self.image_paths[row], self.image_size, seed)
         except UnreadableImageError:
             if not self.skip_bad_images:
                 self.failed_path = self.image_paths[row]
                 raise
             self.skipped.add(self.image_paths[row])
             return None
-        if self.augment:  # Before the conversion to three float channels, where warping costs several times more.
-            seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0])
-            image = apply_transform(image, random_transform(image.shape, seed))
-        return to_rgb(image)
 
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
