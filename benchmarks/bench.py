@@ -197,7 +197,7 @@ def training_model(options, phase):
     """script.py's model, compiled as script.py trains it in `phase` (1: base frozen, 2: last layers unfrozen)."""
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(options.dtype_policy)  # After clear_session(), which resets it.
-    model = script.build_model(options.image_size, None)
+    model = script.build_model(options.image_size, None, from_scratch=False)
     if phase == 1:
         script.compile_model(model, script.LEARNING_RATE)
     else:

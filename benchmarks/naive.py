@@ -67,7 +67,7 @@ def main(argv=None):
     )
     batches = augmenter().flow(train_images, train_labels, batch_size=options.batch_size)
 
-    model = script.build_model(options.image_size, script.resolve_weights(options.weights)[0])
+    model = script.build_model(options.image_size, script.resolve_weights(options.weights)[0], from_scratch=False)
     script.compile_model(model, script.LEARNING_RATE)
     model.fit(batches, validation_data=(validation_images, validation_labels), epochs=options.epochs, verbose=2)
     if options.fine_tune_epochs > 0:

@@ -232,6 +232,51 @@ def convert_image(root, row_id, variant):
     raise KeyError(f"row_id {row_id!r} is in neither train.csv nor test.csv under {root}")
 
 
+# The learning check (tests/test_learning.py and benchmarks/learning.py): one bright square per picture, anywhere
+# on a noisy background, its side a fraction of the picture that grows with the class. It needs no anatomy to read,
+# so a network trained from scratch has to learn it within a few epochs; one that cannot is broken.
+SQUARE_SIDE_BY_CLASS = (0.2, 0.45, 0.7)
+SQUARE_SIDE_JITTER = 0.04
+
+
+def make_squares_dataset(root, train_rows=240, test_rows=60, image_size=32, seed=0):
+    """Write the learning check's dataset in the seed layout, with ROOT/test_labels.csv; returns the root.
+
+    Classes are balanced and row_ids plain (sq_00001, ...), so each row is its own study.
+    """
+    root = Path(root)
+    generator = np.random.default_rng(seed)
+    remove_stale_images(root)
+    tables = []
+    for split, count, first in (("train", train_rows, 1), ("test", test_rows, train_rows + 1)):
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = generator.permutation(np.arange(count) % len(CLASS_NAMES))
+        table = pd.DataFrame({"row_id": [f"sq_{first + index:05d}" for index in range(count)]})
+        table["image_path"] = [f"images/{split}/{row_id}.png" for row_id in table["row_id"]]
+        for image_path, label in zip(table["image_path"], labels):
+            write_picture(root / image_path, draw_square(label, image_size, generator))
+        for class_index, class_name in enumerate(CLASS_NAMES):
+            table[class_name] = (labels == class_index).astype(int)
+        tables.append(table)
+    train, test = tables
+    train.to_csv(root / "train.csv", index=False)
+    test[["row_id", "image_path"]].to_csv(root / "test.csv", index=False)
+    test[["row_id", *CLASS_NAMES]].to_csv(root / "test_labels.csv", index=False)
+    return root
+
+
+def draw_square(label, image_size, generator):
+    """One 8-bit grayscale picture: a bright square whose side grows with the class, on noise."""
+    side = (SQUARE_SIDE_BY_CLASS[label] + generator.uniform(-SQUARE_SIDE_JITTER, SQUARE_SIDE_JITTER)) * image_size
+    side = max(2, round(side))
+    left, top = generator.integers(0, image_size - side + 1, size=2)
+    canvas = np.full((image_size, image_size), 40.0, dtype=np.float32)
+    canvas[top : top + side, left : left + side] = generator.uniform(150.0, 230.0)
+    canvas += generator.normal(0.0, 12.0, size=canvas.shape)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
 def parse_arguments(arguments=None):
     """Parse the command line; with no options it describes the sample shipped at the repository root."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])

@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from conftest import REPOSITORY, script
+from conftest import RANDOM_WEIGHTS, REPOSITORY, script
 import synthetic
 
 BATCH_SIZE = 8
 # The smallest run that still trains, validates and predicts: phase 1 only, 32-px images, random weights.
-SMALL_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0",
+SMALL_RUN = ["--weights", str(RANDOM_WEIGHTS), "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0",
              "--batch-size", str(BATCH_SIZE)]
 RUN_TIMEOUT_SECONDS = 300  # Far above a normal run: a run that takes longer is hung, waiting on a collective op.
 
@@ -237,7 +237,7 @@ def test_mixed_bfloat16_trains_a_step_and_keeps_the_output_float32(restore_float
     """Under --precision mixed on the CPU, the network computes in bfloat16 and a training step gives a finite
     loss, while the softmax layer computes, and returns, float32 probabilities."""
     script.choose_precision("mixed", tf.distribute.get_strategy())
-    model = script.build_model(32, None)
+    model = script.build_model(32, None, from_scratch=False)
     script.compile_model(model, script.LEARNING_RATE)
     images = np.random.default_rng(0).uniform(-120, 150, (4, 32, 32, 3)).astype(np.float32)
     labels = np.eye(len(script.CLASS_NAMES), dtype=np.float32)[[0, 1, 2, 0]]

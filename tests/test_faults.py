@@ -20,11 +20,11 @@ import keras
 import pandas as pd
 import pytest
 
-from conftest import REPOSITORY, script
+from conftest import RANDOM_WEIGHTS, REPOSITORY, script
 import synthetic
 
 VALIDATION_FRACTION = 0.5  # One of the two training studies.
-SMALL_RUN = ["--weights", "none", "--image-size", "32", "--batch-size", "16",
+SMALL_RUN = ["--weights", str(RANDOM_WEIGHTS), "--image-size", "32", "--batch-size", "16",
              "--val-fraction", str(VALIDATION_FRACTION)]
 # Four phase-1 epochs leave time to stop a run after its first finished epoch and before phase 1 ends.
 KILLED_RUN = [*SMALL_RUN, "--epochs", "4", "--fine-tune-epochs", "1"]

@@ -15,7 +15,7 @@ LAST_BLOCK_CONVOLUTIONS = {"conv5_block3_1_conv", "conv5_block3_2_conv", "conv5_
 @pytest.fixture
 def model():
     """A freshly built model in its phase 1 state: random weights, base frozen."""
-    return script.build_model(IMAGE_SIZE, None)
+    return script.build_model(IMAGE_SIZE, None, from_scratch=False)
 
 
 def base_of(model):
@@ -41,7 +41,8 @@ def snapshot(variables):
 
 
 def train_one_batch(model, learning_rate):
-    """Compile as the training phase does and take one step on a small random batch."""
+    """Compile as the training phase does and take two steps on a small random batch (the output layer starts
+    at zero, so only from the second step on do the layers before it receive a gradient)."""
     script.compile_model(model, learning_rate)
     # Eager execution skips tracing the training graph, which costs more than the step itself; the layers
     # receive the same training flags either way.
@@ -49,7 +50,8 @@ def train_one_batch(model, learning_rate):
     generator = np.random.default_rng(0)
     images = generator.normal(0, 50, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     labels = np.eye(len(script.CLASS_NAMES), dtype=np.float32)[[0, 1, 2, 0]]
-    model.train_on_batch(images, labels)
+    for _ in range(2):
+        model.train_on_batch(images, labels)
 
 
 def changed(before, after):
@@ -57,7 +59,7 @@ def changed(before, after):
 
 
 def test_phase_one_trains_only_the_head(model):
-    """With the base frozen, one training step changes the head and no base weight at all."""
+    """With the base frozen, training changes every head weight and no base weight at all."""
     assert not base_of(model).trainable_weights
     assert layers_with_trainable_weights(model) == head_layers(model)
     base_before = snapshot(base_of(model).weights)
@@ -79,7 +81,7 @@ def test_phase_two_unfreezes_the_last_layers_except_batch_normalization(model):
 
 
 def test_batch_normalization_stays_in_inference_mode_in_phase_two(model):
-    """A phase 2 training step moves the unfrozen convolutions but leaves every BatchNormalization weight and
+    """Phase 2 training moves the unfrozen convolutions but leaves every BatchNormalization weight and
     moving statistic as it was: the layers normalise with their stored statistics, not the batch's."""
     script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
     normalization_weights = [
@@ -92,3 +94,49 @@ def test_batch_normalization_stays_in_inference_mode_in_phase_two(model):
     train_one_batch(model, learning_rate=1e-2)
     assert not any(changed(normalization_before, snapshot(normalization_weights)))
     assert all(changed(trainable_before, snapshot(model.trainable_weights)))
+
+
+class Batches(list):
+    """A list of (images,) batches, indexable like ImageBatches."""
+
+
+def test_recalibration_makes_inference_normalise_as_training_does():
+    """After recalibrating on one batch, a from-scratch model's inference-mode base output equals its training-mode
+    output on that batch: every BatchNormalization layer now holds exactly the statistics the batch produces."""
+    model = script.build_model(IMAGE_SIZE, None, from_scratch=True)
+    base = base_of(model)
+    images = np.random.default_rng(1).normal(0, 50, (8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    training_mode = base(images, training=True).numpy()
+
+    def error():  # Of the inference-mode output, as a share of the largest training-mode value.
+        return np.abs(base(images, training=False).numpy() - training_mode).max() / np.abs(training_mode).max()
+
+    assert error() > 0.5  # The initial statistics (mean 0, variance 1) are far off.
+    momentums = [layer.momentum for layer in script.learning_batch_normalizations(model)]
+    script.recalibrate_batch_normalization(model, Batches([(images,)]))
+    assert error() < 0.01  # Float32 rounding through 53 layers.
+    assert [layer.momentum for layer in script.learning_batch_normalizations(model)] == momentums
+
+
+def test_recalibration_averages_the_batch_statistics():
+    """With several batches, the first layer's moving mean is the mean of its per-batch means."""
+    model = script.build_model(IMAGE_SIZE, None, from_scratch=True)
+    generator = np.random.default_rng(2)
+    batches = Batches([(generator.normal(offset, 50, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),)
+                       for offset in (-40, 0, 40)])
+    script.recalibrate_batch_normalization(model, batches)
+    base = base_of(model)
+    convolution = keras.Model(base.input, base.get_layer("conv1_conv").output)
+    expected = np.mean([convolution(images).numpy().mean(axis=(0, 1, 2)) for (images,) in batches], axis=0)
+    np.testing.assert_allclose(base.get_layer("conv1_bn").moving_mean.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_from_scratch_model_learns_everywhere_in_both_phases():
+    """Without pretrained weights nothing is frozen: every layer trains in phase 1, and phase 2 changes nothing
+    but the learning rate (there are no pretrained features to protect)."""
+    model = script.build_model(IMAGE_SIZE, None, from_scratch=True)
+    trainable = len(model.trainable_weights)
+    assert all(layer.trainable for layer in base_of(model).layers)
+    script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
+    assert len(model.trainable_weights) == trainable
+    assert any(is_batch_normalization(layer) for layer in script.learning_batch_normalizations(model))

@@ -22,7 +22,6 @@ import pytest
 
 from conftest import QUICK_RUN, REPOSITORY
 
-# The cheapest run that still trains, validates and predicts: 32 px, random weights, one epoch, no phase 2.
 # The notebook client's limit for each cell; the tiny run takes well under a minute even on a busy machine.
 CELL_TIMEOUT_SECONDS = 300
 # How VS Code starts a Jupyter kernel: `--f=` where Jupyter passes `-f`, after options of its own.
@@ -103,7 +102,7 @@ def test_script_cell_trains_with_sys_argv_set_in_an_earlier_cell(notebook):
     config = json.loads((notebook["output_dirs"]["script"] / "config.json").read_text())
     options = config["options"]
     chosen = (options["image_size"], options["epochs"], options["fine_tune_epochs"], options["weights"])
-    assert chosen == (32, 1, 0, "none")
+    assert chosen == (32, 1, 0, QUICK_RUN[QUICK_RUN.index("--weights") + 1])
     assert_valid_submission(notebook, "script")
 
 

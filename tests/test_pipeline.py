@@ -32,9 +32,9 @@ def test_artifacts_written(tiny_run):
 
 
 def test_saved_model_loads_with_the_trained_input_size(tiny_run):
-    """model.keras loads on its own (safe mode) and maps 64-px RGB images to three class probabilities."""
+    """model.keras loads on its own (safe mode) and maps 32-px RGB inputs to three class probabilities."""
     model = keras.models.load_model(tiny_run / "model.keras", safe_mode=True)
-    assert model.input_shape == (None, 64, 64, 3)
+    assert model.input_shape == (None, 32, 32, 3)
     assert model.output_shape == (None, len(script.CLASS_NAMES))
 
 
@@ -87,7 +87,7 @@ def test_metrics_score_the_oof_predictions(tiny_dataset, tiny_run):
 
 def test_predict_reproduces_the_training_submission(tiny_dataset, tiny_run, tmp_path):
     """`predict --model` alone gives the training run's submission: same rows, probabilities within 1e-4.
-    No --image-size is passed, so the 64 px must come from the model (the default is 224)."""
+    No --image-size is passed, so the 32 px must come from the model (the default is 224)."""
     exit_code = script.main(["predict", "--model", str(tiny_run / "model.keras"), "--data-dir", str(tiny_dataset),
                              "--output-dir", str(tmp_path)])
     assert exit_code == 0
