@@ -19,14 +19,23 @@ report the competition metric on the validation rows; predict the test set the s
 With `--weights none` there is nothing to freeze: the whole network learns from scratch in phase 1 and on at the
 lower rate in phase 2, and BatchNormalization's statistics are recomputed after every epoch.
 
-Learning (same machine, `--weights none`, random initialisation, so no download): the offline sample run above
-scores 0.312 on its validation rows against 0.991 for the best constant prediction, accuracy 0.947, in 214 s;
-tests/test_learning.py holds every run to the same kind of bar on generated pictures (benchmarks/learning.py).
+Result (2026-12-01, 2-core AMD EPYC, no GPU, TF 2.21 / Keras 3.15): the offline sample run above, from random
+weights, scores 0.312 on its validation rows against 0.991 for the best constant prediction (lower is better),
+accuracy 0.947, in 214 s. tests/test_learning.py holds every change to such a bar; benchmarks/learning.py
+measures it. Throughput: the input pipeline outpaces the model ~50× on these cores (README, benchmarks/bench.py).
 
-Evidence (2-core AMD EPYC, no GPU, TF 2.21 / Keras 3.15; `python benchmarks/bench.py`, README): at 224 px the
-input pipeline does ~980 images/s per core (4.6× ImageDataGenerator's augmentation alone), training runs at the
-model's own speed (~13-20 images/s here), peak memory is flat from 400 to 4,000 images (1.00×; the in-RAM seed
-design: 1.70×), and a one-epoch-per-phase run on 400 images takes 80 s against the seed design's 92 s.
+Contents (each section starts with a banner `# == N. name ==`; `grep -n '^# == ' script.py` prints this map):
+     1. config                  the defaults a user edits, one block per model, and each model's settings
+     2. task facts              classes, conditions, levels, columns and the metric's weights, each stated once
+     3. tables                  reading and checking the CSVs, atomic writes, labels, the study-grouped split
+     4. DICOM and geometry      reading DICOM slices and series, and their windowing
+     5. crops                   cutting 2.5D crops around label points, one series at a time
+     6. images and augmentation reading images, ImageDataGenerator-style augmentation, streaming batches
+     7. models                  weights, the ResNet50 model, unfreezing, learning rates, precise BatchNorm
+     8. fitting                 devices, resumable training state, callbacks, one fold's training, prediction
+     9. metric and report       the official metric, best constants, the report and its plots, the submission
+    10. pipelines               train, predict, prepare and score, from inputs to written outputs
+    11. command line            Kaggle discovery, argparse, main
 """
 
 import os
@@ -49,7 +58,7 @@ import threading
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -62,30 +71,36 @@ from keras import layers
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-# =============================================================================================== config
-# Plain defaults. Each is also a command-line option; in a notebook, edit them here or set sys.argv.
+# == 1. config =========================================================================================================
+# Plain defaults, each also a command-line option (`python script.py --help` says what each does). In a notebook,
+# edit them here, or set sys.argv. A run reads each model's block only through that model's settings (below),
+# which it records in config.json and which --resume must find unchanged.
 
-DATA_DIR = None  # The folder with train.csv, test.csv and their images. None: ".", or on Kaggle what is attached.
-OUTPUT_DIR = None  # Where submission.csv, model.keras and the logs go. None: ".", or /kaggle/working on Kaggle.
-IMAGE_SIZE = 224  # Pixels; every image is resized to IMAGE_SIZE × IMAGE_SIZE.
-BATCH_SIZE = 32  # Images per step on each device (replica).
-EPOCHS = 5  # Phase 1 epochs: the ResNet50 base is frozen and only the head learns.
-FINE_TUNE_EPOCHS = 3  # Phase 2 epochs: the last FINE_TUNE_LAYERS base layers learn too. 0 skips phase 2.
-LEARNING_RATE = 1e-3  # Adam, phase 1.
-FINE_TUNE_LEARNING_RATE = 1e-5  # Adam, phase 2: small, so the pretrained features are nudged, not destroyed.
-FINE_TUNE_LAYERS = 10  # Base layers unfrozen in phase 2 (their BatchNormalization layers stay frozen).
-WEIGHTS = "imagenet"  # imagenet | none | a path to ResNet50 notop weights (.h5).
-# BatchNormalization's inference statistics are recomputed after every epoch from this many unaugmented training
-# images (every layer from scratch, --weights none; the head's otherwise).
-BATCH_NORMALIZATION_IMAGES = 512
-VAL_FRACTION = 0.2  # Share of training rows held out for validation (whole studies at a time).
-FOLDS = 1  # K > 1: K models on grouped, stratified folds, out-of-fold predictions, test averaged over folds.
-SEED = 42  # Makes splits, augmentation and initialisation repeatable.
-WORKERS = os.cpu_count() or 1  # Threads that read and augment images in parallel.
-STRATEGY = "auto"  # auto | default | mirrored | multiworker | tpu: how training spreads over devices.
-PRECISION = "auto"  # auto | float32 | mixed: auto is mixed_float16 on GPUs, float32 on the CPU.
+DATA_DIR = None  # train.csv, test.csv and images, or the competition's folder. None: ".", or what Kaggle attached.
+OUTPUT_DIR = None  # None: ".", or /kaggle/working on Kaggle.
+VAL_FRACTION = 0.2  # share of training studies held out for validation
+FOLDS = 1  # K > 1: K models on study-grouped folds, out-of-fold predictions, test averaged
+SEED = 42  # splits, shuffling, augmentation and initialisation
+WORKERS = os.cpu_count() or 1  # threads that read and augment images
+STRATEGY = "auto"  # one of STRATEGIES: how training spreads over devices
+PRECISION = "auto"  # one of PRECISIONS
 
-# The seed's ImageDataGenerator augmentation, applied to training batches only.
+# The severity model: ResNet50 and the seed's head, on one crop per condition and level.
+IMAGE_SIZE = 224  # px, square
+BATCH_SIZE = 32  # images per step on each device
+EPOCHS = 5  # phase 1: pretrained, only the head learns; from scratch, everything does
+FINE_TUNE_EPOCHS = 3  # phase 2; 0 skips it
+LEARNING_RATE = 1e-3  # Adam, phase 1
+FINE_TUNE_LEARNING_RATE = 1e-5  # Adam, phase 2: small, so pretrained features are nudged, not destroyed
+FINE_TUNE_LAYERS = 10  # base layers that learn in phase 2 when pretrained (BatchNormalization stays frozen)
+WEIGHTS = "imagenet"  # imagenet | none | a path to ResNet50 notop weights
+CLASS_WEIGHTS = (
+    1.0,
+    2.0,
+    4.0,
+)  # loss weight per true class: the metric's LABEL_WEIGHTS, so training aims at the metric
+BATCH_NORMALIZATION_IMAGES = 512  # unaugmented training images that set BatchNormalization's statistics each epoch
+# The seed's ImageDataGenerator augmentation, for training batches only (AUGMENTATION_KEYS lists what is honoured).
 # shear_range is in degrees in ImageDataGenerator, so 0.2 is a very light shear; kept for fidelity.
 AUGMENTATION = dict(
     rotation_range=20,
@@ -110,11 +125,65 @@ PREPARE_CROP_PIXELS = 128
 # pixels and to the empty background, unlike the raw minimum and maximum.
 WINDOW_PERCENTILES = (1.0, 99.5)
 
+STRATEGIES = {
+    "auto": "several GPUs → mirrored, a TF_CONFIG cluster → multiworker, else default",
+    "default": "one device",
+    "mirrored": "every GPU of this machine (without GPUs, every CPU device)",
+    "multiworker": "the machines that TF_CONFIG names",
+    "tpu": "refused: OpenCV input cannot feed a TPU",
+}
+PRECISIONS = {
+    "auto": "mixed_float16 on GPUs, float32 on the CPU",
+    "float32": "float32 everywhere",
+    "mixed": "mixed precision anywhere (mixed_bfloat16 without a GPU)",
+}
+
+
+@dataclass(frozen=True)
+class SeverityModel:
+    """The severity model's settings, from the block above and the command line (severity_model(options))."""
+
+    image_size: int
+    batch_size: int
+    epochs: int
+    fine_tune_epochs: int
+    learning_rate: float
+    fine_tune_learning_rate: float
+    fine_tune_layers: int
+    weights: str
+    class_weights: tuple
+    batch_normalization_images: int
+    augmentation: dict
+
+    def recorded(self):
+        """The settings as config.json and the resume check record them."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+
+def severity_model(options):
+    """The severity model's settings for a run: its options, and the config block for what has no option."""
+    check_augmentation(AUGMENTATION)
+    return SeverityModel(
+        image_size=options.image_size,
+        batch_size=options.batch_size,
+        epochs=options.epochs,
+        fine_tune_epochs=options.fine_tune_epochs,
+        learning_rate=options.lr,
+        fine_tune_learning_rate=options.fine_tune_lr,
+        fine_tune_layers=options.fine_tune_layers,
+        weights=options.weights,
+        class_weights=tuple(options.class_weights),
+        batch_normalization_images=BATCH_NORMALIZATION_IMAGES,
+        augmentation=dict(AUGMENTATION),
+    )
+
+
+# == 2. task facts =====================================================================================================
+
 # Facts about the task. Each is defined once; everything else derives from these.
 CLASS_NAMES = ("normal_mild", "moderate", "severe")  # Label and submission columns, in order.
 SEVERITY_NAMES = ("Normal/Mild", "Moderate", "Severe")  # The competition's spelling of the same classes.
 LABEL_WEIGHTS = (1.0, 2.0, 4.0)  # The competition metric's weight for each true class.
-CLASS_WEIGHTS = LABEL_WEIGHTS  # Loss weight per true class: train to the metric by default.
 CONDITIONS = (
     "spinal_canal_stenosis",
     "left_neural_foraminal_narrowing",
@@ -123,6 +192,7 @@ CONDITIONS = (
     "right_subarticular_stenosis",
 )
 LEVELS = ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
+
 # Metric groups: a row belongs to the group whose key its row_id contains.
 CONDITION_GROUPS = {
     "spinal_canal_stenosis": "spinal",
@@ -130,25 +200,19 @@ CONDITION_GROUPS = {
     "subarticular_stenosis": "subarticular",
 }
 STUDY_PATTERN = re.compile(r"^(\d+)_")  # Row ids like 4003253_spinal_canal_stenosis_l1_l2 name their study.
-IMAGENET_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_WEIGHTS_FILE
-IMAGENET_WEIGHTS_MD5 = "4d473c1dd8becc155b73f8504c6f6626"  # As keras.applications checks it.
-RESNET50_PARAMETERS = 23_587_712  # ResNet50 without its top, for the disk-space estimate.
-RESNET50_TOP_LAYER_PARAMETERS = 4_459_520  # The three conv layers fine-tuning unfreezes (conv5_block3_*).
-KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # Kaggle's folders; tests point this elsewhere.
 TRAIN_COLUMNS = ("row_id", "image_path", *CLASS_NAMES)
 TEST_COLUMNS = ("row_id", "image_path")
 SUBMISSION_COLUMNS = ("row_id", *CLASS_NAMES)
 WIDE_LABEL_COLUMNS = tuple(f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS)
 PROBABILITY_EPSILON = 1e-15  # The official metric clips probabilities to [epsilon, 1 - epsilon].
+KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # Kaggle's folders; tests point this elsewhere.
 
 
 class InputError(ValueError):
     """Bad user input: reported as one clear message and exit code 2, never a traceback."""
 
 
-# ================================================================================================= data
-# ------------------------------------------------------------ CSV loading and validation, atomic writes
+# == 3. tables =========================================================================================================
 
 
 def list_some(items, limit=20):
@@ -275,13 +339,20 @@ def check_images(path, frame, image_paths, skip_bad_images=False):
     bad = problems.notna().to_numpy()
     if not bad.any():
         return ~bad
-    described = [f"{row_id} ({image_path}: {problem})"
-                 for row_id, image_path, problem in zip(frame["row_id"][bad], np.array(image_paths, object)[bad], problems[bad])]
+    described = [
+        f"{row_id} ({image_path}: {problem})"
+        for row_id, image_path, problem in zip(frame["row_id"][bad], np.array(image_paths, object)[bad], problems[bad])
+    ]
     if skip_bad_images:
-        print(f"{path.name}: --skip-bad-images: dropped {int(bad.sum())} row(s) whose image cannot be used: {list_some(described)}")
+        print(
+            f"{path.name}: --skip-bad-images: dropped {int(bad.sum())} row(s) whose image cannot be used: "
+            + list_some(described)
+        )
         return ~bad
-    raise InputError(f"{path}: {int(bad.sum())} image(s) cannot be used: {list_some(described)}. "
-                     "Restore the files or fix the image_path column (or pass --skip-bad-images for training rows).")
+    raise InputError(
+        f"{path}: {int(bad.sum())} image(s) cannot be used: {list_some(described)}. "
+        "Restore the files or fix the image_path column (or pass --skip-bad-images for training rows)."
+    )
 
 
 def load_train_table(data_dir, skip_bad_images=False):
@@ -295,8 +366,10 @@ def load_train_table(data_dir, skip_bad_images=False):
     frame, labels = frame[labelled].reset_index(drop=True), labels[labelled]
     groups = condition_groups(frame["row_id"]).to_numpy()
     if (groups == "").any() and (groups != "").any():  # Refused now, not after hours of training, at scoring.
-        raise InputError(f"{path}: row_id(s) {list_some(frame['row_id'][groups == ''])} name none of the conditions "
-                         "while the others do; the metric cannot score such a mix. Use one kind of row_id throughout.")
+        raise InputError(
+            f"{path}: row_id(s) {list_some(frame['row_id'][groups == ''])} name none of the conditions "
+            "while the others do; the metric cannot score such a mix. Use one kind of row_id throughout."
+        )
     no_image = frame["row_id"][frame["image_path"].str.strip() == ""]
     if len(no_image):
         raise InputError(f"{path}: empty image_path for row_id {list_some(no_image)}. Training rows need an image.")
@@ -387,12 +460,16 @@ def split_folds(table, folds, val_fraction, seed):
     groups = study_ids(table["row_id"]).to_numpy()
     studies = len(set(groups))
     if folds > 1 and studies < folds:
-        raise InputError(f"train.csv: {studies} studies cannot be split into {folds} folds (--folds {folds}); "
-                         f"each fold needs a study of its own. Use --folds {studies} or fewer.")
+        raise InputError(
+            f"train.csv: {studies} studies cannot be split into {folds} folds (--folds {folds}); "
+            f"each fold needs a study of its own. Use --folds {studies} or fewer."
+        )
     if studies < 2:
-        raise InputError(f"train.csv: every row comes from one study, so no whole study can be held out for "
-                         f"validation (--val-fraction {val_fraction:g}). Add studies, or pass --val-fraction 0 "
-                         "to train on everything without validation.")
+        raise InputError(
+            f"train.csv: every row comes from one study, so no whole study can be held out for "
+            f"validation (--val-fraction {val_fraction:g}). Add studies, or pass --val-fraction 0 "
+            "to train on everything without validation."
+        )
     splits = folds if folds > 1 else min(max(2, round(1 / val_fraction)), studies)
     rows = np.zeros(len(table))
     try:
@@ -404,198 +481,11 @@ def split_folds(table, folds, val_fraction, seed):
         pairs = []
     if not pairs or min(len(validation) for _, validation in pairs) == 0:
         # Without enough rows to stratify, folds of about equal size, studies shuffled by the seed.
-        shuffled = pd.Series(groups).map(dict(zip(sorted(set(groups)), np.random.default_rng(seed).permutation(studies))))
+        shuffled = pd.Series(groups).map(
+            dict(zip(sorted(set(groups)), np.random.default_rng(seed).permutation(studies)))
+        )
         pairs = list(GroupKFold(n_splits=splits).split(rows, groups=shuffled))
     return pairs if folds > 1 else pairs[:1]
-
-
-# ---------------------------------------------------------------------------------------- image reading
-
-
-class UnreadableImageError(InputError):
-    """An image that passed the up-front check but could not be decoded when it was needed."""
-
-
-def read_pixels(path):
-    """The image as stored: 8- or 16-bit, with 1, 3 or 4 channels."""
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise UnreadableImageError(f"{path}: cannot be decoded. Restore or replace the file, then run again.")
-    return image
-
-
-def resize(image, image_size):
-    """Square image_size pixels, in the stored type (OpenCV's fastest path).
-
-    Bilinear, except that shrinking by 2× or more averages areas, so that fine detail does not alias.
-    """
-    shrinking_a_lot = min(image.shape[:2]) >= 2 * image_size
-    return cv2.resize(image, (image_size, image_size),
-                      interpolation=cv2.INTER_AREA if shrinking_a_lot else cv2.INTER_LINEAR)
-
-
-def to_rgb(image):
-    """float32 RGB in [0, 255]. A 16-bit image is scaled by its full range, so it reads like its 8-bit twin."""
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    image = cv2.cvtColor(image, {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}[channels])
-    scale = 255.0 / np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 255.0
-    image = image.astype(np.float32)
-    return image if scale == 1 else np.multiply(image, np.float32(scale), out=image)
-
-
-def read_image(path, image_size, augmentation_seed=None):
-    """Any image OpenCV reads (8/16-bit; gray, BGR or BGRA) as float32 RGB in [0, 255], image_size square.
-
-    With a seed, ImageDataGenerator-style augmentation is applied first, in the stored type, where warping
-    costs several times less than on three float channels.
-    """
-    image = resize(read_pixels(path), image_size)
-    if augmentation_seed is not None:
-        image = apply_transform(image, random_transform(image.shape, augmentation_seed))
-    return to_rgb(image)
-
-
-# ----------------------------------------------------------------------------------------- augmentation
-
-# ImageDataGenerator samples the parameters; OpenCV applies them about 14× faster than its scipy path.
-image_data_generator = tf.keras.preprocessing.image.ImageDataGenerator(**AUGMENTATION)
-# get_random_transform seeds NumPy's global generator, so threads take turns to keep draws repeatable.
-sampling_lock = threading.Lock()
-
-
-def random_transform(image_shape, seed):
-    """ImageDataGenerator's own random parameters for one image, reproducible from `seed`."""
-    with sampling_lock:
-        return image_data_generator.get_random_transform(image_shape, seed=seed)
-
-
-def affine_matrix(parameters, height, width):
-    """The 2×3 inverse map for cv2.warpAffine that reproduces ImageDataGenerator.apply_transform.
-
-    Keras composes rotation · shift · shear · zoom about the image centre and resamples with scipy in
-    (row, column) order after swapping the axes of its matrix, so in OpenCV's (x, y) order the matrix is
-    used as composed.
-    """
-    theta, shear = np.deg2rad(parameters["theta"]), np.deg2rad(parameters["shear"])
-    rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
-    shift = np.array([[1, 0, parameters["tx"]], [0, 1, parameters["ty"]], [0, 0, 1]])
-    shearing = np.array([[1, -np.sin(shear), 0], [0, np.cos(shear), 0], [0, 0, 1]])
-    zoom = np.array([[parameters["zx"], 0, 0], [0, parameters["zy"], 0], [0, 0, 1]])
-    centre_x, centre_y = height / 2 - 0.5, width / 2 - 0.5  # Keras' transform_matrix_offset_center.
-    to_centre = np.array([[1, 0, centre_x], [0, 1, centre_y], [0, 0, 1]])
-    from_centre = np.array([[1, 0, -centre_x], [0, 1, -centre_y], [0, 0, 1]])
-    return (to_centre @ rotation @ shift @ shearing @ zoom @ from_centre)[:2]
-
-
-def apply_transform(image, parameters):
-    """Apply ImageDataGenerator parameters with OpenCV: bilinear, edges repeated ("nearest" fill)."""
-    height, width = image.shape[:2]
-    image = cv2.warpAffine(
-        image,
-        affine_matrix(parameters, height, width),
-        (width, height),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    return image[:, ::-1] if parameters["flip_horizontal"] else image
-
-
-# --------------------------------------------------------------------------------------------- batching
-
-
-class ImageBatches(keras.utils.PyDataset):
-    """Streams batches from disk. Only paths and labels live in memory, so memory stays flat in dataset size.
-
-    Yields (images,) for prediction, or (images, one-hot labels, sample weights) for training and validation.
-    Training batches are shuffled and augmented, differently each epoch but repeatably from `seed`.
-    An image that cannot be decoded is remembered in `failed_path` (so the caller can name it) and stops the
-    run, unless `skip_bad_images` is set: then its row is left out of the batch and counted in `skipped`.
-    """
-
-    def __init__(self, image_paths, image_size, batch_size, labels=None, class_weights=LABEL_WEIGHTS,
-                 augment=False, seed=0, workers=1, skip_bad_images=False):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
-        self.image_paths = list(image_paths)
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.labels = None if labels is None else np.asarray(labels)
-        self.class_weights = np.asarray(class_weights, np.float32)
-        self.augment = augment
-        self.seed = seed
-        self.skip_bad_images = skip_bad_images
-        self.skipped = set()
-        self.failed_path = None
-        self.start_epoch(0)
-
-    def start_epoch(self, epoch):
-        """Set the epoch (a resumed run starts mid-way); training rows get a fresh, seeded order each epoch."""
-        self.epoch = epoch
-        count = len(self.image_paths)
-        self.order = np.random.default_rng([self.seed, epoch]).permutation(count) if self.augment else np.arange(count)
-
-    def __len__(self):
-        return math.ceil(len(self.image_paths) / self.batch_size)
-
-    def load(self, row):
-        """One image, augmented with a seed unique to (seed, epoch, row); None for a skipped bad image."""
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0]) if self.augment else None
-        try:
-            return read_image(self.image_paths[row], self.image_size, seed)
-        except UnreadableImageError:
-            if not self.skip_bad_images:
-                self.failed_path = self.image_paths[row]
-                raise
-            self.skipped.add(self.image_paths[row])
-            return None
-
-    def __getitem__(self, index):
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = [self.load(row) for row in rows]
-        rows = [row for row, image in zip(rows, images) if image is not None]
-        images = keras.applications.resnet50.preprocess_input(np.stack([image for image in images if image is not None]))
-        if self.labels is None:
-            return (images,)
-        labels = self.labels[rows]
-        one_hot = np.eye(len(CLASS_NAMES), dtype=np.float32)[labels]
-        return images, one_hot, self.class_weights[labels]
-
-    def on_epoch_end(self):
-        self.start_epoch(self.epoch + 1)
-
-
-# --------------------------------------------------------------------------- competition data (prepare)
-# Turns the competition's DICOM layout into the seed layout: one 2.5D crop per labelled (study, condition,
-# level) and a CSV naming it. The CSV joins are plain pandas and need no images, so they can be checked on the
-# real CSVs alone; the pixel work is per series.
-
-
-@dataclass(frozen=True)
-class Crop:
-    """One requested crop: which instance, where on it, and where the PNG goes."""
-
-    row_id: str
-    instance_number: int
-    x: float
-    y: float
-    output_path: Path
-
-
-@dataclass(frozen=True)
-class SeriesTask:
-    """All crops requested from one series, so each slice is read and windowed once."""
-
-    series_dir: Path
-    crops: tuple
-
-
-@dataclass
-class SeriesResult:
-    """What happened to one series' crops, for the summary."""
-
-    written: list = field(default_factory=list)
-    kept: list = field(default_factory=list)
-    missing_files: list = field(default_factory=list)
-    undecodable_files: list = field(default_factory=list)
 
 
 def read_competition_csv(path, columns):
@@ -672,6 +562,21 @@ def submission_rows(series_descriptions, coordinates=None):
     return rows.merge(coordinates, on="row_id", how="left")
 
 
+def read_split_rows(competition_dir, split, coordinates):
+    """The rows of one split and the counts of rows without a label or coordinate."""
+    if split == "train":
+        labels = read_labels(competition_dir / "train.csv")
+        return labelled_rows(labels, read_coordinates(coordinates or competition_dir / "train_label_coordinates.csv"))
+    if split == "test":
+        series_descriptions = read_competition_csv(competition_dir / "test_series_descriptions.csv", ["study_id"])
+        rows = submission_rows(series_descriptions, read_coordinates(coordinates) if coordinates else None)
+        return rows, {"without_coordinate": int(rows["series_id"].isna().sum())}
+    raise InputError(f"split must be 'train' or 'test', not {split!r}")
+
+
+# == 4. DICOM and geometry =============================================================================================
+
+
 def load_pydicom():
     """Import pydicom on first use, so the rest of the script runs without it."""
     try:
@@ -709,6 +614,71 @@ def to_uint8(image, window):
     return np.clip((image - low) * (255.0 / max(high - low, 1e-6)), 0, 255).astype(np.uint8)
 
 
+def series_instances(series_dir):
+    """Sorted instance numbers of a series; the competition names each file by its instance number."""
+    return sorted(int(path.stem) for path in series_dir.glob("*.dcm") if path.stem.isdigit())
+
+
+def slice_triplet(instance_numbers, instance_number):
+    """The previous, given and next instance in a sorted list, reusing the edge slice at either end."""
+    index = instance_numbers.index(instance_number)
+    return (
+        instance_numbers[max(index - 1, 0)],
+        instance_number,
+        instance_numbers[min(index + 1, len(instance_numbers) - 1)],
+    )
+
+
+def read_slices(series_dir, instance_numbers):
+    """Read the given instances of a series: (dict of readable slices, names of broken files)."""
+    slices, undecodable_files = {}, []
+    for instance_number in instance_numbers:
+        path = series_dir / f"{instance_number}.dcm"
+        try:
+            slices[instance_number] = read_slice(path)
+        # Decoders fail in many ways on damaged or unsupported files; any failure means "skip
+        # this file and name it", never a crashed run.
+        except Exception as error:
+            undecodable_files.append(f"{path}: {error}")
+    return slices, undecodable_files
+
+
+# == 5. crops ==========================================================================================================
+
+# Turns the competition's DICOM layout into the seed layout: one 2.5D crop per labelled (study, condition,
+# level) and a CSV naming it. The CSV joins are plain pandas and need no images, so they can be checked on the
+# real CSVs alone; the pixel work is per series.
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One requested crop: which instance, where on it, and where the PNG goes."""
+
+    row_id: str
+    instance_number: int
+    x: float
+    y: float
+    output_path: Path
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """All crops requested from one series, so each slice is read and windowed once."""
+
+    series_dir: Path
+    crops: tuple
+
+
+@dataclass
+class SeriesResult:
+    """What happened to one series' crops, for the summary."""
+
+    written: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+    missing_files: list = field(default_factory=list)
+    undecodable_files: list = field(default_factory=list)
+
+
 def crop_around(image, x, y, row_spacing, column_spacing, crop_mm, crop_pixels, fill=0):
     """Cut a crop_mm square centred exactly on (x, y) and resample it to crop_pixels square.
 
@@ -738,35 +708,6 @@ def write_png(path, image):
     """Write a PNG atomically: a killed run must not leave a truncated crop that a rerun would keep."""
     _, encoded = cv2.imencode(".png", image)
     write_atomically(path, encoded.tofile)
-
-
-def series_instances(series_dir):
-    """Sorted instance numbers of a series; the competition names each file by its instance number."""
-    return sorted(int(path.stem) for path in series_dir.glob("*.dcm") if path.stem.isdigit())
-
-
-def slice_triplet(instance_numbers, instance_number):
-    """The previous, given and next instance in a sorted list, reusing the edge slice at either end."""
-    index = instance_numbers.index(instance_number)
-    return (
-        instance_numbers[max(index - 1, 0)],
-        instance_number,
-        instance_numbers[min(index + 1, len(instance_numbers) - 1)],
-    )
-
-
-def read_slices(series_dir, instance_numbers):
-    """Read the given instances of a series: (dict of readable slices, names of broken files)."""
-    slices, undecodable_files = {}, []
-    for instance_number in instance_numbers:
-        path = series_dir / f"{instance_number}.dcm"
-        try:
-            slices[instance_number] = read_slice(path)
-        # Decoders fail in many ways on damaged or unsupported files; any failure means "skip
-        # this file and name it", never a crashed run.
-        except Exception as error:
-            undecodable_files.append(f"{path}: {error}")
-    return slices, undecodable_files
 
 
 def crop_series(task, crop_mm, crop_pixels):
@@ -841,16 +782,1371 @@ def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
     return results
 
 
-def read_split_rows(competition_dir, split, coordinates):
-    """The rows of one split and the counts of rows without a label or coordinate."""
-    if split == "train":
-        labels = read_labels(competition_dir / "train.csv")
-        return labelled_rows(labels, read_coordinates(coordinates or competition_dir / "train_label_coordinates.csv"))
-    if split == "test":
-        series_descriptions = read_competition_csv(competition_dir / "test_series_descriptions.csv", ["study_id"])
-        rows = submission_rows(series_descriptions, read_coordinates(coordinates) if coordinates else None)
-        return rows, {"without_coordinate": int(rows["series_id"].isna().sum())}
-    raise InputError(f"split must be 'train' or 'test', not {split!r}")
+# == 6. images and augmentation ========================================================================================
+
+
+class UnreadableImageError(InputError):
+    """An image that passed the up-front check but could not be decoded when it was needed."""
+
+
+def read_pixels(path):
+    """The image as stored: 8- or 16-bit, with 1, 3 or 4 channels."""
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise UnreadableImageError(f"{path}: cannot be decoded. Restore or replace the file, then run again.")
+    return image
+
+
+def resize(image, image_size):
+    """Square image_size pixels, in the stored type (OpenCV's fastest path).
+
+    Bilinear, except that shrinking by 2× or more averages areas, so that fine detail does not alias.
+    """
+    shrinking_a_lot = min(image.shape[:2]) >= 2 * image_size
+    return cv2.resize(
+        image, (image_size, image_size), interpolation=cv2.INTER_AREA if shrinking_a_lot else cv2.INTER_LINEAR
+    )
+
+
+def to_rgb(image):
+    """float32 RGB in [0, 255]. A 16-bit image is scaled by its full range, so it reads like its 8-bit twin."""
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    image = cv2.cvtColor(image, {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}[channels])
+    scale = 255.0 / np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 255.0
+    image = image.astype(np.float32)
+    return image if scale == 1 else np.multiply(image, np.float32(scale), out=image)
+
+
+def read_image(path, image_size, augmentation_seed=None, augmentation=None):
+    """Any image OpenCV reads (8/16-bit; gray, BGR or BGRA) as float32 RGB in [0, 255], image_size square.
+
+    With a seed, ImageDataGenerator-style augmentation (default AUGMENTATION) is applied first, in the stored
+    type, where warping costs several times less than on three float channels.
+    """
+    image = resize(read_pixels(path), image_size)
+    if augmentation_seed is not None:
+        image = apply_transform(image, random_transform(image.shape, augmentation_seed, augmentation), augmentation)
+    return to_rgb(image)
+
+
+# What apply_transform honours of ImageDataGenerator's arguments. Any other key in AUGMENTATION (brightness_range,
+# channel_shift_range, ...) is refused at the start of a run, by name, rather than silently ignored.
+AUGMENTATION_KEYS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "horizontal_flip",
+    "vertical_flip",
+    "fill_mode",
+    "cval",
+)
+# ImageDataGenerator's fill modes (scipy's) as OpenCV border modes.
+BORDER_MODES = {
+    "nearest": cv2.BORDER_REPLICATE,
+    "constant": cv2.BORDER_CONSTANT,
+    "reflect": cv2.BORDER_REFLECT,
+    "wrap": cv2.BORDER_WRAP,
+}
+# get_random_transform seeds NumPy's global generator, so threads take turns to keep draws repeatable.
+sampling_lock = threading.Lock()
+
+
+def check_augmentation(augmentation):
+    """Refuse augmentation settings that apply_transform would not honour, naming them."""
+    unknown = sorted(set(augmentation) - set(AUGMENTATION_KEYS))
+    if unknown:
+        raise InputError(
+            f"AUGMENTATION: {', '.join(unknown)} not supported (supported: {', '.join(AUGMENTATION_KEYS)}). "
+            "Remove them from the config block."
+        )
+    fill_mode = augmentation.get("fill_mode", "nearest")
+    if fill_mode not in BORDER_MODES:
+        raise InputError(f"AUGMENTATION: fill_mode {fill_mode!r} is not one of {', '.join(BORDER_MODES)}.")
+
+
+@functools.lru_cache(maxsize=4)
+def generator_for(augmentation_items):
+    return tf.keras.preprocessing.image.ImageDataGenerator(**dict(augmentation_items))
+
+
+def augmentation_generator(augmentation=None):
+    """The ImageDataGenerator of `augmentation` (default AUGMENTATION). It samples the parameters; OpenCV applies
+    them, about 14× faster than its scipy path."""
+    return generator_for(tuple(sorted((AUGMENTATION if augmentation is None else augmentation).items())))
+
+
+def random_transform(image_shape, seed, augmentation=None):
+    """ImageDataGenerator's own random parameters for one image, reproducible from `seed`."""
+    with sampling_lock:
+        return augmentation_generator(augmentation).get_random_transform(image_shape, seed=seed)
+
+
+def affine_matrix(parameters, height, width):
+    """The 2×3 inverse map for cv2.warpAffine that reproduces ImageDataGenerator.apply_transform.
+
+    Keras composes rotation · shift · shear · zoom about the image centre and resamples with scipy in
+    (row, column) order after swapping the axes of its matrix, so in OpenCV's (x, y) order the matrix is
+    used as composed.
+    """
+    theta, shear = np.deg2rad(parameters["theta"]), np.deg2rad(parameters["shear"])
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    shift = np.array([[1, 0, parameters["tx"]], [0, 1, parameters["ty"]], [0, 0, 1]])
+    shearing = np.array([[1, -np.sin(shear), 0], [0, np.cos(shear), 0], [0, 0, 1]])
+    zoom = np.array([[parameters["zx"], 0, 0], [0, parameters["zy"], 0], [0, 0, 1]])
+    centre_x, centre_y = height / 2 - 0.5, width / 2 - 0.5  # Keras' transform_matrix_offset_center.
+    to_centre = np.array([[1, 0, centre_x], [0, 1, centre_y], [0, 0, 1]])
+    from_centre = np.array([[1, 0, -centre_x], [0, 1, -centre_y], [0, 0, 1]])
+    return (to_centre @ rotation @ shift @ shearing @ zoom @ from_centre)[:2]
+
+
+def apply_transform(image, parameters, augmentation=None):
+    """Apply ImageDataGenerator parameters with OpenCV, bilinear, filling the edges as `augmentation` (default
+    AUGMENTATION) says: its fill_mode, and cval on ImageDataGenerator's 0-255 scale for "constant"."""
+    augmentation = AUGMENTATION if augmentation is None else augmentation
+    height, width = image.shape[:2]
+    full_scale = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 255.0
+    image = cv2.warpAffine(
+        image,
+        affine_matrix(parameters, height, width),
+        (width, height),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=BORDER_MODES[augmentation.get("fill_mode", "nearest")],
+        borderValue=[float(augmentation.get("cval", 0.0)) * full_scale / 255.0] * 4,
+    )
+    if parameters.get("flip_horizontal"):
+        image = image[:, ::-1]
+    return image[::-1] if parameters.get("flip_vertical") else image
+
+
+class ImageBatches(keras.utils.PyDataset):
+    """Streams batches from disk. Only paths and labels live in memory, so memory stays flat in dataset size.
+
+    Yields (images,) for prediction, or (images, one-hot labels, sample weights) for training and validation.
+    Training batches are shuffled and augmented (with `augmentation`, default AUGMENTATION), differently each epoch
+    but repeatably from `seed`. Sample weights are the class weights of the labels (default: all 1).
+    An image that cannot be decoded is remembered in `failed_path` (so the caller can name it) and stops the
+    run, unless `skip_bad_images` is set: then it is counted in `skipped` and stands in the batch as a black image
+    with sample weight 0, so that even a batch of bad images keeps its shape and teaches nothing.
+    """
+
+    def __init__(
+        self,
+        image_paths,
+        image_size,
+        batch_size,
+        labels=None,
+        class_weights=None,
+        augment=False,
+        augmentation=None,
+        seed=0,
+        workers=1,
+        skip_bad_images=False,
+    ):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
+        self.image_paths = list(image_paths)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.labels = None if labels is None else np.asarray(labels)
+        self.class_weights = np.asarray(class_weights or [1.0] * len(CLASS_NAMES), np.float32)
+        self.augment = augment
+        self.augmentation = augmentation
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+        self.skipped = set()
+        self.failed_path = None
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch):
+        """Set the epoch (a resumed run starts mid-way); training rows get a fresh, seeded order each epoch."""
+        self.epoch = epoch
+        count = len(self.image_paths)
+        self.order = np.random.default_rng([self.seed, epoch]).permutation(count) if self.augment else np.arange(count)
+
+    def __len__(self):
+        return math.ceil(len(self.image_paths) / self.batch_size)
+
+    def load(self, row):
+        """One image, augmented with a seed unique to (seed, epoch, row); None for a skipped bad image."""
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0]) if self.augment else None
+        try:
+            return read_image(self.image_paths[row], self.image_size, seed, self.augmentation)
+        except UnreadableImageError:
+            if not self.skip_bad_images:
+                self.failed_path = self.image_paths[row]
+                raise
+            self.skipped.add(self.image_paths[row])
+            return None
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        images = [self.load(row) for row in rows]
+        usable = np.array([image is not None for image in images], np.float32)
+        black = np.zeros((self.image_size, self.image_size, 3), np.float32)
+        images = np.stack([black if image is None else image for image in images])
+        images = keras.applications.resnet50.preprocess_input(images)
+        if self.labels is None:
+            return (images,)
+        labels = self.labels[rows]
+        one_hot = np.eye(len(CLASS_NAMES), dtype=np.float32)[labels]
+        return images, one_hot, self.class_weights[labels] * usable
+
+    def on_epoch_end(self):
+        self.start_epoch(self.epoch + 1)
+
+
+# == 7. models =========================================================================================================
+
+IMAGENET_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_WEIGHTS_FILE
+IMAGENET_WEIGHTS_MD5 = "4d473c1dd8becc155b73f8504c6f6626"  # As keras.applications checks it.
+
+
+def find_local_imagenet_weights():
+    """A local copy of the ImageNet notop weights: the Keras cache, or any dataset under /kaggle/input."""
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    candidates = [keras_home / "models" / IMAGENET_WEIGHTS_FILE, *kaggle_input_files(IMAGENET_WEIGHTS_FILE, depth=4)]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def download_imagenet_weights():
+    """Fetch the ImageNet weights into the Keras cache now, so that without internet the run stops before it
+    writes anything."""
+    try:
+        path = keras.utils.get_file(
+            IMAGENET_WEIGHTS_FILE, IMAGENET_WEIGHTS_URL, cache_subdir="models", file_hash=IMAGENET_WEIGHTS_MD5
+        )
+    except Exception as error:  # Keras reports a failed download as a plain Exception.
+        raise InputError(
+            f"--weights imagenet: could not download {IMAGENET_WEIGHTS_FILE} ({error}). Pass --weights PATH to a "
+            "local copy (on Kaggle, attach it as a dataset), or --weights none to start from random weights."
+        ) from None
+    return path, f"ImageNet, downloaded to {path}"
+
+
+def resolve_weights(choice):
+    """(what ResNet50 should load, a sentence saying where it comes from) for --weights."""
+    if choice.lower() == "none":
+        return None, "none (random initialisation)"
+    if choice.lower() == "imagenet":
+        local = find_local_imagenet_weights()
+        return (str(local), f"ImageNet, local copy {local}") if local else download_imagenet_weights()
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise InputError(f"--weights {choice}: file not found. Pass imagenet, none, or a path to a weights file.")
+    return str(path), f"file {path}"
+
+
+def build_model(image_size, weights, from_scratch):
+    """ResNet50 base with the seed's head: Flatten → Dense(128) → BatchNormalization → ReLU → Dropout(0.5) → Dense(3).
+
+    Pretrained (ImageNet or a weights file), the base is frozen with BatchNormalization in inference mode, as
+    fine-tuning requires. From scratch (weights None), the whole network learns.
+    """
+    try:
+        base = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    except Exception as error:  # A failed download or an incompatible file: both are the user's to fix.
+        raise InputError(
+            f"Could not load ResNet50 weights '{weights}' ({error}). Pass --weights PATH to a local "
+            f"{IMAGENET_WEIGHTS_FILE}, or --weights none to start from random weights."
+        ) from None
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    if from_scratch:
+        # From scratch the whole network learns, and BatchNormalization follows the phase: batch statistics
+        # while training, the recalibrated population statistics at inference (see recalibrate_batch_normalization).
+        features = base(inputs)
+    else:
+        base.trainable = False
+        # training=False keeps BatchNormalization in inference mode in both phases, as fine-tuning requires.
+        features = base(inputs, training=False)
+    features = layers.Flatten()(features)
+    # Normalising the Dense layer's outputs before the ReLU keeps its units alive. Its 8,192+ Flatten inputs
+    # are all non-negative, so Adam, which moves every weight by about the learning rate, shifts a unit's
+    # input for every image at once by many times its spread; without the normalisation such shifts switched
+    # 96-100 % of the units off for good and the sample never learned (the convolutions are protected by theirs).
+    features = layers.Dense(128, use_bias=False)(features)  # BatchNormalization's offset is the bias.
+    features = layers.BatchNormalization()(features)
+    features = layers.Activation("relu")(features)
+    features = layers.Dropout(0.5)(features)
+    # The softmax stays float32 even under mixed precision, so probabilities are exact enough to score. Its kernel
+    # starts random, not at zero: a zero kernel passes no gradient back at first, and from scratch the photographs
+    # of the learning check then stayed at 0.67 test accuracy through 8 epochs instead of reaching 1.00.
+    outputs = layers.Dense(len(CLASS_NAMES), activation="softmax", dtype="float32", name="severity")(features)
+    return keras.Model(inputs, outputs, name="spine_severity")
+
+
+def unfreeze_model(model, layer_count):
+    """Phase 2: make the base's last `layer_count` layers trainable, except BatchNormalization.
+
+    A model trained from scratch is trainable throughout already; its phase 2 only lowers the learning rate.
+    """
+    base = model.get_layer("resnet50")
+    if base.trainable:
+        return
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        in_top = index >= len(base.layers) - layer_count
+        layer.trainable = in_top and not isinstance(layer, layers.BatchNormalization)
+
+
+def learning_rate_schedule(learning_rate, steps_per_epoch, epochs):
+    """The phase's learning rate, warmed up linearly over its first epoch (at most a quarter of the phase).
+
+    Adam's first steps move every weight by the full learning rate whatever its gradient's size; on the head's
+    8,192+ Flatten inputs, which all have the same sign, that shifts a unit's input by several times its spread
+    per step and switches most ReLUs off for good. Warming up gives Adam's moment estimates time to settle.
+    """
+    warmup = max(1, min(steps_per_epoch, steps_per_epoch * epochs // 4))
+    # A cosine "decay" with alpha=1 stays at warmup_target once warmed up: Keras' warm-up, then a constant rate.
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate / warmup, 1, alpha=1.0, warmup_target=learning_rate, warmup_steps=warmup
+    )
+
+
+def compile_model(model, learning_rate):
+    """Adam on (class-weighted) categorical cross-entropy. Call again after changing `trainable`.
+
+    learning_rate is a number or a schedule (learning_rate_schedule).
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def learning_batch_normalizations(model):
+    """The BatchNormalization layers, nested ones included, that normalise with batch statistics in training."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization) and layer.trainable:
+            found.append(layer)
+        elif hasattr(layer, "layers"):
+            found += learning_batch_normalizations(layer)
+    return found
+
+
+def recalibrate_batch_normalization(model, batches):
+    """Set each learning BatchNormalization layer's moving statistics to its mean batch statistics over `batches`.
+
+    Inference uses moving averages (momentum 0.99) that, in a short run, still remember the random start and the
+    early weights: the model then predicts from statistics its layers no longer produce (a from-scratch run
+    predicted one class for every validation image). This pass ("precise BatchNorm") runs the current network in
+    training mode over unaugmented training images and stores the average of each layer's batch mean and variance,
+    so inference normalises as training did, now. Frozen layers (a pretrained base) keep their statistics.
+    """
+    normalizations = learning_batch_normalizations(model)
+    momentums = [layer.momentum for layer in normalizations]
+    if not hasattr(model, "statistics_pass"):  # Traced once per model: eager ResNet50 steps are slow.
+        model.statistics_pass = tf.function(lambda images: model(images, training=True))
+    totals = [np.zeros((2, *layer.moving_mean.shape)) for layer in normalizations]
+    try:
+        for layer in normalizations:
+            layer.momentum = 0.0  # Each pass then leaves exactly its own batch's statistics in the layer.
+        for index in range(len(batches)):
+            model.statistics_pass(batches[index][0])
+            for total, layer in zip(totals, normalizations):
+                total += (layer.moving_mean.numpy(), layer.moving_variance.numpy())
+        for total, layer in zip(totals, normalizations):
+            layer.moving_mean.assign(total[0] / len(batches))
+            layer.moving_variance.assign(total[1] / len(batches))
+    finally:
+        for layer, momentum in zip(normalizations, momentums):
+            layer.momentum = momentum
+
+
+def load_saved_model(path):
+    """A saved .keras model, loaded in safe mode so that a model file cannot run arbitrary code."""
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as error:
+        raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {error}).") from None
+
+
+# == 8. fitting ========================================================================================================
+# Devices and precision, the resumable state of a run, the callbacks, one fold's two phases, and prediction.
+
+
+def tpu_present():
+    """A TPU VM exposes /dev/accel*; older TPU nodes announce themselves in TPU_NAME."""
+    return bool(os.environ.get("TPU_NAME")) or any(Path("/dev").glob("accel*"))
+
+
+def cluster_in_tf_config():
+    """True when TF_CONFIG names a multi-worker cluster."""
+    try:
+        return bool(json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster"))
+    except (json.JSONDecodeError, AttributeError):
+        raise InputError('TF_CONFIG is not a JSON object like {"cluster": {...}, "task": {...}}.') from None
+
+
+def choose_strategy(name):
+    """The tf.distribute strategy for --strategy. auto: several GPUs → mirrored, a TF_CONFIG cluster →
+    multiworker, else the default (one device). A TPU is never chosen: see the error below."""
+    if name == "tpu" or (name == "auto" and tpu_present()):
+        message = (
+            "this pipeline reads and augments images in Python (OpenCV), which cannot feed a TPU's "
+            "in-graph input pipeline"
+        )
+        if name == "tpu":
+            raise InputError(
+                f"--strategy tpu: {message}. Train on GPUs (Kaggle's T4 x2 uses --strategy mirrored) or the CPU."
+            )
+        print(f"strategy: a TPU is present, but {message}; training on the host instead.")
+    if name == "auto":
+        name = (
+            "mirrored"
+            if len(tf.config.list_physical_devices("GPU")) > 1
+            else "multiworker"
+            if cluster_in_tf_config()
+            else "default"
+        )
+    if name == "mirrored":  # All GPUs; on a machine without any, all (logical) CPU devices.
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    if name == "multiworker":
+        if not cluster_in_tf_config():
+            raise InputError("--strategy multiworker needs TF_CONFIG to name the cluster and this worker's task.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def worker_count(strategy):
+    """How many processes train together: the chief and the workers of a TF_CONFIG cluster, else 1."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) or 1
+
+
+def strategy_name(strategy):
+    """The public name: tf.distribute.MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__.lstrip("_")  # The default strategy's class is private.
+
+
+# -- Keras workarounds for multi-worker training -------------------------------------------------------------------
+# keras-team/keras#20585 and tensorflow/tensorflow#72388, both open with Keras 3.15 / TF 2.21. Delete this block and
+# its one call in train_fold once a release fixes both: tests/test_distribute.py's two-worker run then trains
+# without it.
+def allow_multi_worker_training(model):
+    """Work around two Keras 3 bugs that stop MultiWorkerMirroredStrategy training; only for several workers.
+
+    1. fit() first averages one batch over the workers with strategy.reduce on a tuple, which this strategy
+       cannot do (keras-team/keras#20585). A built model without its own strategy skips that step and uses the
+       strategy in scope.
+    2. Each step's metrics are averaged over the workers along axis 0, which fails on scalars
+       (tensorflow/tensorflow#72388). They are already in sync across replicas, so the first replica's copy is
+       the value, as Keras itself does on TPUs.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    model._distribute_strategy = None
+    if not getattr(trainer.reduce_per_replica, "takes_first_across_workers", False):
+        reduce_per_replica = trainer.reduce_per_replica
+
+        def reduce_in_sync(values, strategy, reduction):
+            if reduction == "auto" and strategy.extended._in_multi_worker_mode():
+                reduction = "first"
+            return reduce_per_replica(values, strategy, reduction)
+
+        reduce_in_sync.takes_first_across_workers = True
+        trainer.reduce_per_replica = reduce_in_sync
+
+
+# -- end of the multi-worker workarounds --------------------------------------------------------------------------
+
+
+def is_chief(strategy):
+    """Only the chief writes the artifacts: the task called chief, else worker 0, else the only process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type in (None, "chief"):
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def choose_precision(precision):
+    """Set Keras' dtype policy for --precision (see PRECISIONS); returns its name. The softmax stays float32.
+
+    auto stays float32 on the CPU: bfloat16 trained about 1.4× faster on this project's BF16-capable CPU (README),
+    but its effect on the metric is unmeasured, and CPUs without BF16 instructions run it slower, so there it stays
+    an explicit choice (mixed).
+    """
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if precision == "float32" or (precision == "auto" and not on_gpu):
+        policy = "float32"
+    else:
+        policy = "mixed_float16" if on_gpu else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+# A run keeps its resumable state in OUTPUT_DIR/.resume/: options.json (what must match to resume) and per fold
+# fold{k}/: state.json (FoldState), the best weights, a backup of the model and its optimizer after the last
+# finished epoch (like Keras' BackupAndRestore, but crash-safe) and, once the fold is done, predictions.npz. A
+# finished run deletes it; --resume continues from it after a crash, SIGKILL or Ctrl-C.
+RUN_OPTIONS = ("data_dir", "val_fraction", "folds", "seed")  # Beside the model's settings, must match to resume.
+
+
+@dataclass
+class FoldState:
+    """One fold's resumable progress, saved in FOLD_DIR/state.json after every epoch."""
+
+    fold_dir: Path
+    finished_phases: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # One row per finished epoch: phase, epoch and the logs.
+    best_val_loss: float | None = None
+    best_file: str | None = None  # The best epoch's weights (without validation: the latest epoch's).
+    backup_file: str | None = None  # The model and optimizer after the last finished epoch of an unfinished phase.
+    backup_epoch: int | None = None
+    done: bool = False  # Trained, and its predictions saved.
+
+    @classmethod
+    def load(cls, fold_dir):
+        """The saved progress in fold_dir, or a fresh start (creating the folder)."""
+        path = fold_dir / "state.json"
+        if path.is_file():
+            return cls(fold_dir, **json.loads(path.read_text()))
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        return cls(fold_dir)
+
+    def save(self):
+        """Write state.json atomically: the one file that says which of the others are current."""
+        write_json({name: value for name, value in asdict(self).items() if name != "fold_dir"}, self.path("state.json"))
+
+    def path(self, name):
+        return self.fold_dir / name
+
+
+interrupt_requested = threading.Event()
+
+
+def stop_at_batch_end_on_interrupt(signal_number, frame):
+    """SIGINT handler: training stops at the end of the current batch; a second Ctrl-C stops at once."""
+    if interrupt_requested.is_set():
+        raise KeyboardInterrupt
+    interrupt_requested.set()
+    print("\ninterrupted: stopping at the end of this batch (Ctrl-C again to stop at once)", flush=True)
+
+
+class RecalibrateBatchNormalization(keras.callbacks.Callback):
+    """Recalibrates BatchNormalization once per epoch, before validation (or, without any, before the epoch is
+    saved), so that validation, the kept weights and the predictions all use the current statistics."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+        self.done = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.done = False
+
+    def on_test_begin(self, logs=None):
+        self.recalibrate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.recalibrate()
+
+    def recalibrate(self):
+        if not self.done:
+            recalibrate_batch_normalization(self.model, self.batches)
+            self.done = True
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
+
+    Raising, rather than setting stop_training, keeps Keras from saving the half-done epoch as finished.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        if interrupt_requested.is_set():
+            raise KeyboardInterrupt
+
+
+class TrainingState(keras.callbacks.Callback):
+    """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
+    validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
+    from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
+    state.json, written last and atomically, says which are current: a SIGKILL at any moment leaves a
+    consistent state."""
+
+    def __init__(self, phase, end_epoch, state):
+        super().__init__()
+        self.phase, self.end_epoch, self.state = phase, end_epoch, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.state
+        superseded = [state.backup_file]
+        row = {"phase": self.phase, "epoch": epoch, **{name: float(value) for name, value in (logs or {}).items()}}
+        state.history = [old for old in state.history if old["epoch"] != epoch] + [row]
+        best = state.best_val_loss
+        if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
+            superseded.append(state.best_file)
+            state.best_val_loss, state.best_file = row.get("val_loss"), f"best-epoch{epoch + 1}.npz"
+            write_atomically(state.path(state.best_file), lambda path: np.savez(path, *self.model.get_weights()))
+        if epoch + 1 == self.end_epoch:
+            state.backup_file = state.backup_epoch = None
+            state.finished_phases.append(self.phase)
+        else:
+            state.backup_file, state.backup_epoch = f"backup-epoch{epoch + 1}.weights.h5", epoch + 1
+            write_atomically(state.path(state.backup_file), self.model.save_weights)  # With the optimizer.
+        state.save()
+        for name in superseded:
+            if name and name not in (state.best_file, state.backup_file):
+                state.path(name).unlink(missing_ok=True)
+
+
+def restore_best_weights(model, state):
+    """Load the best epoch's weights (without a validation set, the latest epoch's)."""
+    if state.best_file:
+        with np.load(state.path(state.best_file)) as saved:
+            model.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
+
+
+def restore_backup(model, state, phase, first_epoch):
+    """Continue a phase after its last finished epoch: reload the model and optimizer; returns that epoch."""
+    if state.backup_file is None:
+        return first_epoch
+    model.optimizer.build(model.trainable_variables)  # Its slots must exist before they can be loaded.
+    model.load_weights(state.path(state.backup_file))
+    print(f"resuming phase {phase} after epoch {state.backup_epoch}")
+    return state.backup_epoch
+
+
+def resume_record(options, settings):
+    """What a run records in .resume/options.json, and what --resume must find the same: the model's settings
+    and the options that choose the data and its split, as JSON would read them back."""
+    record = {name: str(getattr(options, name)) for name in RUN_OPTIONS} | settings.recorded()
+    return json.loads(json.dumps(record))
+
+
+def open_run_state(resume_dir, options, settings):
+    """Start a run's resumable state, or check that --resume continues a run with the same settings."""
+    current = resume_record(options, settings)
+    recorded = resume_dir / "options.json"
+    if options.resume and recorded.is_file():
+        previous = json.loads(recorded.read_text())
+        changed = [
+            f"{setting_name(name)} was {previous.get(name)}, now {current[name]}"
+            for name in current
+            if previous.get(name) != current[name]
+        ]
+        if changed:
+            raise InputError(
+                f"--resume: the interrupted run in {resume_dir.parent} used other settings "
+                f"({'; '.join(changed)}). Resume with the same ones, or drop --resume."
+            )
+        return
+    if options.resume:
+        print(f"--resume: no interrupted run in {resume_dir.parent}; starting afresh.")
+    elif resume_dir.exists():
+        print(f"note: discarding an interrupted run's state in {resume_dir} (pass --resume to continue it).")
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    resume_dir.mkdir(parents=True)
+    write_json(current, recorded)
+
+
+def setting_name(name):
+    """How a user sets a recorded setting: its option (--fine-tune-lr), or the config block (AUGMENTATION)."""
+    options = {"learning_rate": "lr", "fine_tune_learning_rate": "fine_tune_lr"}
+    if name in ("augmentation", "batch_normalization_images"):
+        return name.upper()
+    return "--" + options.get(name, name).replace("_", "-")
+
+
+def make_batches(table, rows, settings, options, strategy, augment=False):
+    """The streaming dataset for some labelled rows of a table; each batch feeds all of this worker's devices."""
+    return ImageBatches(
+        table["image_path"].to_numpy()[rows],
+        settings.image_size,
+        settings.batch_size * strategy.num_replicas_in_sync,  # Keras splits each batch over all replicas and workers.
+        labels=table["label"].to_numpy()[rows],
+        class_weights=settings.class_weights,
+        augment=augment,
+        augmentation=settings.augmentation,
+        seed=options.seed,
+        workers=options.workers,
+        skip_bad_images=options.skip_bad_images,
+    )
+
+
+def training_phases(settings):
+    """(phase, first epoch, end epoch, learning rate) for each phase that runs."""
+    phases = [(1, 0, settings.epochs, settings.learning_rate)]
+    if settings.fine_tune_epochs > 0:
+        end = settings.epochs + settings.fine_tune_epochs
+        phases.append((2, settings.epochs, end, settings.fine_tune_learning_rate))
+    return phases
+
+
+def decoding_failure(batches, advice):
+    """The error for an image that passed the up-front check but broke when a batch needed it, or None."""
+    failed_path = next((batch.failed_path for batch in batches if batch is not None and batch.failed_path), None)
+    if failed_path is None:
+        return None
+    return UnreadableImageError(
+        f"{failed_path}: cannot be decoded any more (it passed the check at the start). {advice}"
+    )
+
+
+def run_phase(model, batches, phase, first_epoch, end_epoch, state):
+    """fit() for one phase, resuming after its last finished epoch; names an image that breaks mid-run.
+
+    batches: (training, validation or None, BatchNormalization statistics)."""
+    train_batches, validation_batches, statistics_batches = batches
+    resume_epoch = restore_backup(model, state, phase, first_epoch)
+    train_batches.start_epoch(resume_epoch)
+    callbacks = [TrainingState(phase, end_epoch, state), StopOnInterrupt()]
+    if learning_batch_normalizations(model):
+        callbacks.insert(0, RecalibrateBatchNormalization(statistics_batches))  # First: before the epoch is saved.
+    try:
+        model.fit(
+            train_batches,
+            validation_data=validation_batches,
+            initial_epoch=resume_epoch,
+            epochs=end_epoch,
+            callbacks=callbacks,
+            shuffle=False,  # ImageBatches shuffles itself, from the seed.
+            verbose=1 if sys.stdout.isatty() else 2,  # One line per epoch in logs; a progress bar on a terminal.
+        )
+    except Exception:
+        advice = "The run stopped with its state saved: restore the file and run again with --resume, or add "
+        failure = decoding_failure(batches, advice + "--skip-bad-images.")
+        if failure:
+            raise failure from None
+        raise
+
+
+def phase_description(phase, settings):
+    """What learns in a phase, for the log."""
+    if is_from_scratch(settings):
+        return "the whole network learns from scratch" if phase == 1 else "the whole network, at the lower rate"
+    if phase == 1:
+        return "base frozen"
+    return f"last {settings.fine_tune_layers} base layers unfrozen (BatchNormalization frozen)"
+
+
+def is_from_scratch(settings):
+    """--weights none: nothing pretrained, so nothing to freeze."""
+    return settings.weights.lower() == "none"
+
+
+def train_fold(table, train_rows, validation_rows, settings, options, weights, state, strategy):
+    """Both training phases for one split, resuming from `state`; returns the model with its best weights."""
+    train_batches = make_batches(table, train_rows, settings, options, strategy, augment=True)
+    validation_batches = (
+        make_batches(table, validation_rows, settings, options, strategy) if len(validation_rows) else None
+    )
+    statistics_rows = np.random.default_rng(options.seed).permutation(train_rows)[: settings.batch_normalization_images]
+    statistics_batches = make_batches(table, np.sort(statistics_rows), settings, options, strategy)
+    batches = (train_batches, validation_batches, statistics_batches)
+    with strategy.scope():  # Variables, including the optimizer's, are created on every replica.
+        model = build_model(settings.image_size, weights, from_scratch=is_from_scratch(settings))
+        for phase, first_epoch, end_epoch, learning_rate in training_phases(settings):
+            if phase in state.finished_phases:
+                continue
+            if phase == 2:
+                restore_best_weights(model, state)  # Fine-tuning starts from phase 1's best epoch.
+                unfreeze_model(model, settings.fine_tune_layers)
+            # Compiled again after unfreezing, so the change takes effect.
+            compile_model(model, learning_rate_schedule(learning_rate, len(train_batches), end_epoch - first_epoch))
+            if worker_count(strategy) > 1:
+                allow_multi_worker_training(model)
+            print(
+                f"phase {phase}: {phase_description(phase, settings)}, epochs {first_epoch + 1}-{end_epoch} at "
+                f"learning rate {learning_rate:g} (warmed up over the first epoch)"
+            )
+            run_phase(model, batches, phase, first_epoch, end_epoch, state)
+        restore_best_weights(model, state)
+    skipped = train_batches.skipped | getattr(validation_batches, "skipped", set())
+    if skipped:
+        print(
+            f"--skip-bad-images: left out {len(skipped)} image(s) that could not be decoded: "
+            + list_some(sorted(skipped))
+        )
+    return model
+
+
+def predict_probabilities(model, image_paths, options, skip_bad_images=False):
+    """Softmax probabilities for the images, streamed in order, and the mask of the images predicted.
+
+    An image that breaks stops the run with its name, unless skip_bad_images leaves it out (never for test rows).
+    """
+    if len(image_paths) == 0:
+        return np.zeros((0, len(CLASS_NAMES))), np.ones(0, bool)
+    batches = ImageBatches(
+        image_paths, model.input_shape[1], options.batch_size, workers=options.workers, skip_bad_images=skip_bad_images
+    )
+    try:
+        probabilities = model.predict(batches, verbose=0).astype(np.float64)
+    except Exception:
+        failure = decoding_failure([batches], "Restore the file and run again.")
+        if failure:
+            raise failure from None
+        raise
+    predicted = ~np.isin(image_paths, list(batches.skipped))
+    return probabilities[predicted], predicted
+
+
+# == 9. metric and report ==============================================================================================
+
+# The competition metric: a class-weighted log loss per condition group, plus a per-study "any severe
+# spinal stenosis" binary log loss, averaged with equal weight. Lower is better. Labels and predictions are
+# long frames keyed by row_id, with one column per class; all-blank label rows are not scored.
+
+
+def clip_and_normalise(probabilities):
+    """Clips each row to [1e-15, 1 - 1e-15] and then rescales it to sum to 1, in the official metric's order."""
+    clipped = np.clip(probabilities, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
+    return clipped / clipped.sum(axis=1, keepdims=True)
+
+
+def aligned_probabilities(row_ids, predictions):
+    """The predicted CLASS_NAMES probabilities for each row_id, in that order; every row_id must be predicted."""
+    missing = row_ids[~row_ids.isin(predictions["row_id"])]
+    if not missing.empty:
+        raise InputError(f"the submission lacks {len(missing)} solution row_ids: {list_some(missing)}")
+    return predictions.set_index("row_id").loc[row_ids, list(CLASS_NAMES)].to_numpy(dtype=float)
+
+
+def scored_rows(labels, predictions):
+    """One row per labelled row_id with its study, group, severity, weight, log loss and severe probability."""
+    labels = labels[labels[list(CLASS_NAMES)].notna().any(axis=1)]
+    if labels.empty:
+        raise InputError("the solution has no labelled rows to score")
+    row_ids = labels["row_id"].reset_index(drop=True)
+    probabilities = clip_and_normalise(aligned_probabilities(row_ids, predictions))
+    true_classes = labels[list(CLASS_NAMES)].to_numpy().argmax(axis=1)
+    return pd.DataFrame(
+        {
+            "row_id": row_ids,
+            "study_id": study_ids(row_ids),
+            "group": condition_groups(row_ids),
+            "is_severe": true_classes == CLASS_NAMES.index("severe"),
+            "weight": np.asarray(LABEL_WEIGHTS)[true_classes],
+            "loss": -np.log(probabilities[np.arange(len(row_ids)), true_classes]),
+            "severe_probability": probabilities[:, CLASS_NAMES.index("severe")],
+        }
+    )
+
+
+def weighted_log_loss(rows):
+    """The weighted mean of the rows' log losses: sum(weight * loss) / sum(weight)."""
+    return float(np.average(rows["loss"], weights=rows["weight"]))
+
+
+def any_severe_spinal_loss(spinal_rows):
+    """The weighted binary log loss, over studies, of "does this study have a severe spinal level?".
+
+    A study's label is whether any level is severe, its prediction the largest severe probability, and its
+    weight the largest row weight among its spinal rows.
+    """
+    studies = spinal_rows.groupby("study_id")[["is_severe", "severe_probability", "weight"]].max()
+    is_severe = studies["is_severe"].to_numpy(dtype=float)
+    probability = studies["severe_probability"].to_numpy()
+    losses = -(is_severe * np.log(probability) + (1 - is_severe) * np.log1p(-probability))
+    return float(np.average(losses, weights=studies["weight"]))
+
+
+def score_predictions(labels, predictions):
+    """Scores predictions against labels with the competition metric; both are long frames keyed by row_id.
+
+    `labels` holds row_id and one-hot CLASS_NAMES columns (all-NaN rows are skipped); `predictions` holds
+    row_id and CLASS_NAMES probabilities, in any order, and may have extra rows. Row_ids are unique in each.
+    Returns "score" followed by "spinal", "foraminal", "subarticular" and "any_severe_spinal" for the groups
+    present. When no row_id names a condition, "score" is the weighted log loss over all rows and the only key.
+    """
+    rows = scored_rows(labels, predictions)
+    unnamed = rows.loc[rows["group"] == "", "row_id"]
+    if len(unnamed) == len(rows):
+        return {"score": weighted_log_loss(rows)}
+    # Scoring a mix would quietly give the unnamed rows a different weight from the rest, so refuse it.
+    if not unnamed.empty:
+        raise InputError(
+            f"{len(unnamed)} row_ids name none of the conditions {', '.join(CONDITION_GROUPS)} "
+            f"while the others do: {list_some(unnamed)}"
+        )
+    groups_present = [group for group in CONDITION_GROUPS.values() if (rows["group"] == group).any()]
+    components = {group: weighted_log_loss(rows[rows["group"] == group]) for group in groups_present}
+    if "spinal" in components:
+        components["any_severe_spinal"] = any_severe_spinal_loss(rows[rows["group"] == "spinal"])
+    return {"score": float(np.mean(list(components.values()))), **components}
+
+
+def best_constant_prediction(labels, class_weights=LABEL_WEIGHTS):
+    """The class distribution that minimises the weighted log loss over one-hot `labels`, as an array of 3.
+
+    A constant p minimises Σ_c weight_c · count_c · −log p_c at p_c ∝ weight_c · count_c: the class
+    frequencies times the metric's weights, renormalised. Weights (1, 1, 1) give the plain frequencies.
+    """
+    weighted = labels[list(CLASS_NAMES)].mean().to_numpy() * np.asarray(class_weights)
+    return weighted / weighted.sum()
+
+
+def best_constants(labels, class_weights=LABEL_WEIGHTS):
+    """The best constant for each location (condition and level) in `labels`, and overall under "".
+
+    One constant per location is the baseline competitors quote: on the real train.csv it scores 0.790,
+    against 0.931 for the plain frequencies (one global constant: 0.920).
+    """
+    constants = {"": best_constant_prediction(labels, class_weights)}
+    for location, location_labels in labels.groupby(locations(labels["row_id"])):
+        constants[location] = best_constant_prediction(location_labels, class_weights)
+    return constants
+
+
+def constant_predictions(row_ids, constants):
+    """Each row's location's constant, or the overall one for a location not seen in training."""
+    return np.array(
+        [constants.get(location, constants[""]) for location in locations(row_ids).astype(object).fillna("")]
+    )
+
+
+def read_solution(path):
+    """Labels from a long CSV (row_id + one-hot CLASS_NAMES) or the competition's wide train.csv."""
+    frame = read_csv(path)
+    if "row_id" not in frame.columns and "study_id" in frame.columns:
+        labels = labels_from_wide(frame)
+    else:
+        require_columns(path, frame, ("row_id", *CLASS_NAMES))
+        labels = pd.DataFrame(parse_labels(path, frame), columns=list(CLASS_NAMES))
+        labels.insert(0, "row_id", frame["row_id"])
+    refuse_duplicate_row_ids(path, labels)
+    return labels
+
+
+def read_submission(path):
+    """Predictions (row_id + CLASS_NAMES probabilities); every probability must be a finite, non-negative number."""
+    frame = read_table(path, SUBMISSION_COLUMNS)
+    probabilities = frame[list(CLASS_NAMES)].apply(lambda column: pd.to_numeric(column.str.strip(), errors="coerce"))
+    for column in CLASS_NAMES:
+        invalid = frame["row_id"][~(np.isfinite(probabilities[column]) & (probabilities[column] >= 0))]
+        if len(invalid):
+            raise InputError(
+                f"{path}: column {column} needs finite, non-negative probabilities; "
+                f"{len(invalid)} row(s) have a blank, text, infinite or negative value: {list_some(invalid)}."
+            )
+    return pd.concat([frame["row_id"], probabilities], axis=1)
+
+
+def format_score_table(scores):
+    """The metric's components and the overall score, as a short table."""
+    if list(scores) == ["score"]:
+        return f"row_ids name no condition, so the score is the weighted log loss over all rows: {scores['score']:.4f}"
+    components = [name for name in scores if name != "score"]
+    lines = [f"  {name:<20} {scores[name]:.4f}" for name in components]
+    lines.append(f"  {'score':<20} {scores['score']:.4f}  (mean of the {len(components)} above; lower is better)")
+    return "\n".join(["competition metric (weighted log loss):", *lines])
+
+
+def labels_frame(row_ids, labels):
+    """row_id + one-hot label columns, the layout the metric reads."""
+    frame = pd.DataFrame(np.eye(len(CLASS_NAMES))[labels], columns=list(CLASS_NAMES))
+    frame.insert(0, "row_id", list(row_ids))
+    return frame
+
+
+def probabilities_frame(row_ids, probabilities):
+    """row_id + probability columns: the submission layout."""
+    frame = pd.DataFrame(np.asarray(probabilities, np.float64), columns=list(CLASS_NAMES))
+    frame.insert(0, "row_id", list(row_ids))
+    return frame
+
+
+def evaluate(row_ids, labels, probabilities, constant_probabilities):
+    """Validation metrics: the competition score and its parts, accuracy, a per-class table, the confusion
+    matrix, and the score of the best constant prediction (the prior the model has to beat)."""
+    truth = labels_frame(row_ids, labels)
+    predicted = probabilities.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=range(len(CLASS_NAMES)), zero_division=0
+    )
+    constant_score = score_predictions(truth, probabilities_frame(row_ids, constant_probabilities))
+    return {
+        **score_predictions(truth, probabilities_frame(row_ids, probabilities)),
+        "best_constant_score": constant_score["score"],
+        "accuracy": float((predicted == labels).mean()),
+        "rows": int(len(labels)),
+        "per_class": {
+            name: {
+                "precision": float(precision[k]),
+                "recall": float(recall[k]),
+                "f1": float(f1[k]),
+                "support": int(support[k]),
+            }
+            for k, name in enumerate(CLASS_NAMES)
+        },
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=range(len(CLASS_NAMES))).tolist(),
+    }
+
+
+def print_report(metrics):
+    """The table a competitor reads first: does the model beat the best constant?"""
+    components = [key for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal") if key in metrics]
+    print(f"\nvalidation ({metrics['rows']} rows)")
+    print(f"  score (weighted log loss, lower is better)  {metrics['score']:.4f}")
+    for key in components:
+        print(f"    {key:<41}{metrics[key]:.4f}")
+    print(f"  best constant prediction                    {metrics['best_constant_score']:.4f}")
+    print(f"  accuracy                                    {metrics['accuracy']:.4f}")
+    print(f"\n  {'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for name, row in metrics["per_class"].items():
+        print(f"  {name:<12}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}")
+    print(
+        f"\n  confusion matrix (rows: true, columns: predicted)\n  {'':<12}" + "".join(f"{n:>12}" for n in CLASS_NAMES)
+    )
+    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
+        print(f"  {name:<12}" + "".join(f"{count:>12}" for count in row))
+
+
+def save_plots(history, metrics, output_dir):
+    """training_curves.png and confusion_matrix.png, also shown inline in a notebook. Skipped without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed, so the plots were skipped (pip install matplotlib).")
+        return {}
+    if not in_notebook():
+        matplotlib.use("Agg")  # Draw to files only; a terminal or CI has no display.
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    curves, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric, title in zip(axes, ("loss", "accuracy"), ("loss (class-weighted cross-entropy)", "accuracy")):
+        for fold, rows in history.groupby("fold"):
+            line = axis.plot(rows["epoch"] + 1, rows[metric], "-o", label=f"fold {fold} training")[0]
+            if f"val_{metric}" in rows:
+                axis.plot(
+                    rows["epoch"] + 1,
+                    rows[f"val_{metric}"],
+                    "--o",
+                    color=line.get_color(),
+                    label=f"fold {fold} validation",
+                )
+        if (history["phase"] == 2).any():
+            axis.axvline(
+                history.loc[history["phase"] == 2, "epoch"].min() + 0.5,
+                color="gray",
+                linestyle=":",
+                label="fine-tuning starts",
+            )
+        axis.set(title=title, xlabel="epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.legend(fontsize="small")
+
+    matrix, axis = plt.subplots(figsize=(5, 4.5))
+    counts = np.array(metrics["confusion_matrix"])
+    axis.imshow(counts, cmap="Blues")
+    axis.set(
+        xticks=range(len(CLASS_NAMES)),
+        yticks=range(len(CLASS_NAMES)),
+        xticklabels=CLASS_NAMES,
+        yticklabels=CLASS_NAMES,
+        xlabel="predicted",
+        ylabel="true",
+        title="validation confusion matrix",
+    )
+    for (true, predicted), count in np.ndenumerate(counts):
+        axis.text(
+            predicted, true, count, ha="center", va="center", color="white" if count > counts.max() / 2 else "black"
+        )
+
+    paths = {}
+    for name, figure in (("training_curves", curves), ("confusion_matrix", matrix)):
+        figure.tight_layout()
+        paths[name] = output_dir / f"{name}.png"
+        write_atomically(paths[name], figure.savefig)
+        if in_notebook():
+            from IPython.display import display
+
+            display(figure)
+        plt.close(figure)
+    return paths
+
+
+def fill_rows_without_image(test_table, image_probabilities, constants):
+    """All test rows' probabilities: the models' for rows with an image, the best constant for the rest."""
+    has_image = test_table["image_path"].notna().to_numpy()
+    probabilities = np.empty((len(test_table), len(CLASS_NAMES)))
+    probabilities[has_image] = image_probabilities
+    if not has_image.all():
+        print(f"test.csv: {int((~has_image).sum())} row(s) without an image get their location's best constant.")
+        probabilities[~has_image] = constant_predictions(test_table["row_id"][~has_image], constants)
+    return probabilities
+
+
+def write_submission(row_ids, probabilities, path):
+    """submission.csv: test.csv's row_ids in test.csv's order, finite probabilities that sum to 1."""
+    probabilities = np.asarray(probabilities, np.float64)
+    if not np.isfinite(probabilities).all():
+        raise RuntimeError("The model produced non-finite probabilities; the submission was not written.")
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
+    return write_csv(probabilities_frame(row_ids, probabilities), path)
+
+
+# == 10. pipelines =====================================================================================================
+
+
+def print_start_summary(data_dir, table, test_table, weights_source):
+    """What the run found: data, class mix, device and weights."""
+    counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
+    mix = ", ".join(f"{name} {count} ({count / len(table):.0%})" for name, count in zip(CLASS_NAMES, counts))
+    devices = ", ".join(sorted({device.device_type for device in tf.config.list_logical_devices()}))
+    print(f"data:    {data_dir.resolve()}: {len(table)} training rows ({mix}), {len(test_table)} test rows")
+    print(f"device:  {devices}")
+    print(f"weights: {weights_source}")
+
+
+def print_end_summary(artifacts, model_paths, data_dir, seconds):
+    """Where everything went, and how to predict again without training."""
+    print(f"\nfinished in {seconds:.0f} s. Wrote:")
+    for name, path in artifacts.items():
+        print(f"  {name:<18}{path}")
+    models = " ".join(str(path) for path in model_paths)
+    print(f"Predict again without training: python script.py predict --model {models} --data-dir {data_dir}")
+
+
+def run_config(options, settings, weights_source, constants):
+    """config.json: the resolved options, the model's settings, where the weights came from, the priors, and the
+    library versions."""
+    return {
+        "options": {name: str(value) if isinstance(value, Path) else value for name, value in vars(options).items()},
+        "severity_model": settings.recorded(),
+        "weights_source": weights_source,
+        "best_constants": {location: constant.tolist() for location, constant in constants.items()},
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+            "opencv": cv2.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
+    }
+
+
+def prepare_output_dir(path):
+    """Create the output folder and prove it is writable, before any training time is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--output-dir {path}: is a file, not a folder. Choose a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(
+            f"--output-dir {path}: cannot be written ({error.strerror}). Choose a writable folder."
+        ) from None
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def parameter_counts(image_size, fine_tune_layers, from_scratch):
+    """(parameters, the most that learn in any phase) of the severity model, counted on a model built for it."""
+    model = build_model(image_size, None, from_scratch)
+    learning = [sum(math.prod(weight.shape) for weight in model.trainable_weights)]
+    unfreeze_model(model, fine_tune_layers)
+    learning.append(sum(math.prod(weight.shape) for weight in model.trainable_weights))
+    parameters = model.count_params()
+    keras.backend.clear_session()  # Leaves no trace in the names or the graph of the model that will train.
+    return parameters, max(learning)
+
+
+def checkpoint_bytes(settings, folds):
+    """A generous estimate of the disk a run needs: each fold's model file, plus the best weights and the double
+    backup (weights and Adam's two moments) that exist while a fold trains."""
+    parameters, learning = parameter_counts(settings.image_size, settings.fine_tune_layers, is_from_scratch(settings))
+    model_file = 4 * (parameters + 2 * learning)  # float32 weights and Adam's moments.
+    return folds * model_file + 3 * model_file
+
+
+def refuse_low_disk(output_dir, settings, folds):
+    """Refuse to start a run whose checkpoints would not fit on the output disk."""
+    needed, free = checkpoint_bytes(settings, folds), shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise InputError(
+            f"--output-dir {output_dir}: {free / 1e9:.1f} GB free, but a run at {settings.image_size} px with "
+            f"{folds} fold(s) needs about {needed / 1e9:.1f} GB for its models and checkpoints. "
+            "Free some space or choose another folder."
+        )
+
+
+@dataclass
+class TrainingRun:
+    """What every fold of a training run shares."""
+
+    table: pd.DataFrame
+    test_table: pd.DataFrame
+    settings: SeverityModel
+    options: argparse.Namespace
+    weights: str | None  # What ResNet50 loads (resolve_weights).
+    strategy: tf.distribute.Strategy
+    policy: str
+    output_dir: Path
+    fold_count: int
+
+    @property
+    def resume_dir(self):
+        return self.output_dir / ".resume"
+
+
+@dataclass
+class FoldResult:
+    """What one fold leaves for the run's outputs."""
+
+    model_path: Path
+    history: pd.DataFrame
+    validation_rows: np.ndarray  # The table rows it predicted (all of its validation rows but skipped images).
+    validation_probabilities: np.ndarray
+    test_probabilities: np.ndarray  # One row per test image.
+
+
+def run_fold(run, fold, train_rows, validation_rows):
+    """Train one fold, or reuse what an interrupted run finished, and predict its validation rows and the test set."""
+    state = FoldState.load(run.resume_dir / f"fold{fold}")
+    model_path = run.output_dir / ("model.keras" if run.fold_count == 1 else f"model_fold{fold}.keras")
+    print(f"\nfold {fold}/{run.fold_count}: {len(train_rows)} training rows, {len(validation_rows)} validation rows")
+    if state.done:
+        print("finished before the interruption: reusing its model and predictions")
+    else:
+        keras.mixed_precision.set_global_policy(run.policy)  # clear_session() after a fold resets it.
+        model = train_fold(
+            run.table, train_rows, validation_rows, run.settings, run.options, run.weights, state, run.strategy
+        )
+        write_atomically(model_path, model.save)
+        if run.strategy.num_replicas_in_sync > 1:  # Keras predicts unevenly split batches on one device only.
+            del model
+            keras.backend.clear_session()
+            model = load_saved_model(model_path)
+        validation_images = run.table["image_path"].to_numpy()[validation_rows]
+        validation, predicted = predict_probabilities(
+            model, validation_images, run.options, run.options.skip_bad_images
+        )
+        test_images = run.test_table["image_path"].dropna().tolist()
+        predictions = {
+            "validation": validation,
+            "validation_rows": validation_rows[predicted],
+            "test": predict_probabilities(model, test_images, run.options)[0],
+        }
+        write_atomically(state.path("predictions.npz"), lambda path: np.savez(path, **predictions))
+        state.done = True
+        state.save()
+        keras.backend.clear_session()  # Free this fold's model before the next one is built.
+    with np.load(state.path("predictions.npz")) as predictions:
+        history = pd.DataFrame(state.history).assign(fold=fold)
+        return FoldResult(
+            model_path, history, predictions["validation_rows"], predictions["validation"], predictions["test"]
+        )
+
+
+def write_training_outputs(run, results, constants, weights_source):
+    """Report the validation results and write every output of a run but the models; returns {name: path}."""
+    output_dir, table = run.output_dir, run.table
+    history = pd.concat([result.history for result in results], ignore_index=True)
+    history = history[["fold", *[column for column in history.columns if column != "fold"]]]
+    artifacts = {"models": ", ".join(str(result.model_path) for result in results)}
+    artifacts["history"] = write_csv(history, output_dir / "history.csv")
+    rows = np.concatenate([result.validation_rows for result in results])
+    if len(rows):
+        row_ids, labels = table["row_id"].to_numpy()[rows], table["label"].to_numpy()[rows]
+        oof = np.concatenate([result.validation_probabilities for result in results])
+        metrics = evaluate(row_ids, labels, oof, constant_predictions(row_ids, constants))
+        print_report(metrics)
+        artifacts["oof"] = write_csv(probabilities_frame(row_ids, oof), output_dir / "oof.csv")
+        artifacts["metrics"] = write_json(metrics, output_dir / "metrics.json")
+        artifacts.update(save_plots(history, metrics, output_dir))
+    else:
+        print("\nno validation rows (--val-fraction 0): the model is the last epoch's and nothing is scored.")
+    config = run_config(run.options, run.settings, weights_source, constants)
+    artifacts["config"] = write_json(config, output_dir / "config.json")
+    test_probabilities = np.mean([result.test_probabilities for result in results], axis=0)
+    probabilities = fill_rows_without_image(run.test_table, test_probabilities, constants)
+    artifacts["submission"] = write_submission(run.test_table["row_id"], probabilities, output_dir / "submission.csv")
+    return artifacts
+
+
+def train(options):
+    """The whole job: validate, train and validate each fold, report, predict the test set, write the outputs."""
+    started = time.time()
+    settings = severity_model(options)
+    table = load_train_table(options.data_dir, options.skip_bad_images)
+    test_table = load_test_table(options.data_dir)
+    weights, weights_source = resolve_weights(settings.weights)
+    folds = split_folds(table, options.folds, options.val_fraction, options.seed)
+    strategy = choose_strategy(options.strategy)  # First: a multi-worker strategy must precede other TF work.
+    policy = choose_precision(options.precision)
+    output_dir = prepare_output_dir(options.output_dir if is_chief(strategy) else tempfile.mkdtemp())
+    refuse_low_disk(output_dir, settings, len(folds))
+    run = TrainingRun(table, test_table, settings, options, weights, strategy, policy, output_dir, len(folds))
+    open_run_state(run.resume_dir, options, settings)
+    keras.utils.set_random_seed(options.seed)
+    print_start_summary(options.data_dir, table, test_table, weights_source)
+    print(
+        f"strategy: {strategy_name(strategy)}, {strategy.num_replicas_in_sync} replica(s), global batch "
+        f"{settings.batch_size * strategy.num_replicas_in_sync}; precision: {policy}"
+        + ("" if is_chief(strategy) else f"; not the chief, so writing to scratch folder {output_dir}")
+    )
+    # The prior the model must beat, from all training labels: if anything, this flatters the prior.
+    constants = best_constants(labels_frame(table["row_id"], table["label"]))
+    results = [run_fold(run, fold, *rows) for fold, rows in enumerate(folds, start=1)]
+    artifacts = write_training_outputs(run, results, constants, weights_source)
+    shutil.rmtree(run.resume_dir)  # The run is complete: nothing left to resume.
+    if not is_chief(strategy):
+        shutil.rmtree(output_dir)  # A worker's copies only kept its steps in line with the chief's.
+    print_end_summary(artifacts, [result.model_path for result in results], options.data_dir, time.time() - started)
+    return 0
+
+
+def predict(options):
+    """Write submission.csv from saved model(s), without training. The image size comes from each model."""
+    data_dir = options.data_dir
+    test_table = load_test_table(data_dir)
+    constants = {}
+    if test_table["image_path"].isna().any():  # Those rows need the training run's priors.
+        config_path = options.model[0].parent / "config.json"
+        if not config_path.is_file():
+            raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
+        constants = {
+            key: np.array(value) for key, value in json.loads(config_path.read_text())["best_constants"].items()
+        }
+    for path in options.model:
+        if not path.is_file():
+            raise InputError(f"--model {path}: file not found.")
+        if not zipfile.is_zipfile(path):  # Cheap, and before anything is written.
+            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
+    output_dir = prepare_output_dir(options.output_dir)
+    test_images = test_table["image_path"].dropna().tolist()
+    image_probabilities = []
+    for path in options.model:  # One model in memory at a time.
+        image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
+        keras.backend.clear_session()
+    probabilities = fill_rows_without_image(test_table, np.mean(image_probabilities, axis=0), constants)
+    path = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
+    print(f"wrote {path}: {len(test_table)} rows from {len(options.model)} model(s)")
+    return 0
+
+
+def is_competition_layout(data_dir):
+    """The competition's own folder (DICOMs and a wide train.csv) rather than the seed layout."""
+    return (data_dir / "train_series_descriptions.csv").is_file() or (
+        data_dir / "test_series_descriptions.csv"
+    ).is_file()
+
+
+def prepare_for_run(competition_dir, output_dir, command):
+    """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick)."""
+    prepared = output_dir / "prepared"
+    print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
+    splits = (["train"] if command == "train" else []) + ["test"]
+    for split in splits:
+        if (competition_dir / f"{split}_series_descriptions.csv").is_file():
+            print_prepare_summary(prepare_competition(competition_dir, prepared, split))
+    return prepared
 
 
 def prepare_competition(
@@ -923,658 +2219,6 @@ def print_prepare_summary(summary):
         print(f"Undecodable DICOM files: {list_some(summary['undecodable_files'])}.")
 
 
-# ================================================================================================ model
-
-
-def find_local_imagenet_weights():
-    """A local copy of the ImageNet notop weights: the Keras cache, or any dataset under /kaggle/input."""
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    candidates = [keras_home / "models" / IMAGENET_WEIGHTS_FILE]
-    for depth in range(1, 5):  # Attached datasets sit a few folders deep; don't walk the DICOM trees.
-        candidates += sorted((KAGGLE_ROOT / "input").glob("/".join(["*"] * depth) + "/" + IMAGENET_WEIGHTS_FILE))
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def download_imagenet_weights():
-    """Fetch the ImageNet weights into the Keras cache now, so that without internet the run stops before it
-    writes anything."""
-    try:
-        path = keras.utils.get_file(IMAGENET_WEIGHTS_FILE, IMAGENET_WEIGHTS_URL, cache_subdir="models",
-                                    file_hash=IMAGENET_WEIGHTS_MD5)
-    except Exception as error:  # Keras reports a failed download as a plain Exception.
-        raise InputError(
-            f"--weights imagenet: could not download {IMAGENET_WEIGHTS_FILE} ({error}). Pass --weights PATH to a "
-            "local copy (on Kaggle, attach it as a dataset), or --weights none to start from random weights."
-        ) from None
-    return path, f"ImageNet, downloaded to {path}"
-
-
-def resolve_weights(choice):
-    """(what ResNet50 should load, a sentence saying where it comes from) for --weights."""
-    if choice.lower() == "none":
-        return None, "none (random initialisation)"
-    if choice.lower() == "imagenet":
-        local = find_local_imagenet_weights()
-        return (str(local), f"ImageNet, local copy {local}") if local else download_imagenet_weights()
-    path = Path(choice).expanduser()
-    if not path.is_file():
-        raise InputError(f"--weights {choice}: file not found. Pass imagenet, none, or a path to a weights file.")
-    return str(path), f"file {path}"
-
-
-def build_model(image_size, weights, from_scratch):
-    """ResNet50 base with the seed's head: Flatten → Dense(128) → BatchNormalization → ReLU → Dropout(0.5) → Dense(3).
-
-    Pretrained (ImageNet or a weights file), the base is frozen with BatchNormalization in inference mode, as
-    fine-tuning requires. From scratch (weights None), the whole network learns.
-    """
-    try:
-        base = keras.applications.ResNet50(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
-        )
-    except Exception as error:  # A failed download or an incompatible file: both are the user's to fix.
-        raise InputError(
-            f"Could not load ResNet50 weights '{weights}' ({error}). Pass --weights PATH to a local "
-            f"{IMAGENET_WEIGHTS_FILE}, or --weights none to start from random weights."
-        ) from None
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    if from_scratch:
-        # From scratch the whole network learns, and BatchNormalization follows the phase: batch statistics
-        # while training, the recalibrated population statistics at inference (see recalibrate_batch_normalization).
-        features = base(inputs)
-    else:
-        base.trainable = False
-        # training=False keeps BatchNormalization in inference mode in both phases, as fine-tuning requires.
-        features = base(inputs, training=False)
-    features = layers.Flatten()(features)
-    # Normalising the Dense layer's outputs before the ReLU keeps its units alive. Its 8,192+ Flatten inputs
-    # are all non-negative, so Adam, which moves every weight by about the learning rate, shifts a unit's
-    # input for every image at once by many times its spread; without the normalisation such shifts switched
-    # 96-100 % of the units off for good and the sample never learned (the convolutions are protected by theirs).
-    features = layers.Dense(128, use_bias=False)(features)  # BatchNormalization's offset is the bias.
-    features = layers.BatchNormalization()(features)
-    features = layers.Activation("relu")(features)
-    features = layers.Dropout(0.5)(features)
-    # The softmax stays float32 even under mixed precision, so probabilities are exact enough to score.
-    # A zero kernel starts every image at the uniform prediction, rather than at random confident logits that
-    # the first steps must undo (loss 1.7 instead of ln 3 = 1.10 unweighted).
-    outputs = layers.Dense(len(CLASS_NAMES), activation="softmax", kernel_initializer="zeros", dtype="float32",
-                           name="severity")(features)
-    return keras.Model(inputs, outputs, name="spine_severity")
-
-
-def unfreeze_model(model, layer_count):
-    """Phase 2: make the base's last `layer_count` layers trainable, except BatchNormalization.
-
-    A model trained from scratch is trainable throughout already; its phase 2 only lowers the learning rate.
-    """
-    base = model.get_layer("resnet50")
-    if base.trainable:
-        return
-    base.trainable = True
-    for index, layer in enumerate(base.layers):
-        in_top = index >= len(base.layers) - layer_count
-        layer.trainable = in_top and not isinstance(layer, layers.BatchNormalization)
-
-
-def learning_rate_schedule(learning_rate, steps_per_epoch, epochs):
-    """The phase's learning rate, warmed up linearly over its first epoch (at most a quarter of the phase).
-
-    Adam's first steps move every weight by the full learning rate whatever its gradient's size; on the head's
-    8,192+ Flatten inputs, which all have the same sign, that shifts a unit's input by several times its spread
-    per step and switches most ReLUs off for good. Warming up gives Adam's moment estimates time to settle.
-    """
-    warmup = max(1, min(steps_per_epoch, steps_per_epoch * epochs // 4))
-    # A cosine "decay" with alpha=1 stays at warmup_target once warmed up: Keras' warm-up, then a constant rate.
-    return keras.optimizers.schedules.CosineDecay(learning_rate / warmup, 1, alpha=1.0, warmup_target=learning_rate,
-                                                  warmup_steps=warmup)
-
-
-def compile_model(model, learning_rate):
-    """Adam on (class-weighted) categorical cross-entropy. Call again after changing `trainable`.
-
-    learning_rate is a number or a schedule (learning_rate_schedule).
-    """
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-
-
-# -------------------------------------------------------------------------------- devices and precision
-
-
-def tpu_present():
-    """A TPU VM exposes /dev/accel*; older TPU nodes announce themselves in TPU_NAME."""
-    return bool(os.environ.get("TPU_NAME")) or any(Path("/dev").glob("accel*"))
-
-
-def cluster_in_tf_config():
-    """True when TF_CONFIG names a multi-worker cluster."""
-    try:
-        return bool(json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster"))
-    except (json.JSONDecodeError, AttributeError):
-        raise InputError("TF_CONFIG is not a JSON object like {\"cluster\": {...}, \"task\": {...}}.") from None
-
-
-def choose_strategy(name):
-    """The tf.distribute strategy for --strategy. auto: several GPUs → mirrored, a TF_CONFIG cluster →
-    multiworker, else the default (one device). A TPU is never chosen: see the error below."""
-    if name == "tpu" or (name == "auto" and tpu_present()):
-        message = ("this pipeline reads and augments images in Python (OpenCV), which cannot feed a TPU's "
-                   "in-graph input pipeline")
-        if name == "tpu":
-            raise InputError(f"--strategy tpu: {message}. Train on GPUs (Kaggle's T4 x2 uses --strategy mirrored) or the CPU.")
-        print(f"strategy: a TPU is present, but {message}; training on the host instead.")
-    if name == "auto":
-        name = ("mirrored" if len(tf.config.list_physical_devices("GPU")) > 1
-                else "multiworker" if cluster_in_tf_config() else "default")
-    if name == "mirrored":  # All GPUs; on a machine without any, all (logical) CPU devices.
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([device.name for device in devices])
-    if name == "multiworker":
-        if not cluster_in_tf_config():
-            raise InputError("--strategy multiworker needs TF_CONFIG to name the cluster and this worker's task.")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def worker_count(strategy):
-    """How many processes train together: the chief and the workers of a TF_CONFIG cluster, else 1."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) or 1
-
-
-def strategy_name(strategy):
-    """The public name: tf.distribute.MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return "MultiWorkerMirroredStrategy"
-    return type(strategy).__name__.lstrip("_")  # The default strategy's class is private.
-
-
-def allow_multi_worker_training(model):
-    """Work around two Keras 3 bugs that stop MultiWorkerMirroredStrategy training; only for several workers.
-
-    1. fit() first averages one batch over the workers with strategy.reduce on a tuple, which this strategy
-       cannot do (keras-team/keras#20585). A built model without its own strategy skips that step and uses the
-       strategy in scope.
-    2. Each step's metrics are averaged over the workers along axis 0, which fails on scalars
-       (tensorflow/tensorflow#72388). They are already in sync across replicas, so the first replica's copy is
-       the value, as Keras itself does on TPUs.
-    """
-    from keras.src.backend.tensorflow import trainer
-
-    model._distribute_strategy = None
-    if not getattr(trainer.reduce_per_replica, "takes_first_across_workers", False):
-        reduce_per_replica = trainer.reduce_per_replica
-
-        def reduce_in_sync(values, strategy, reduction):
-            if reduction == "auto" and strategy.extended._in_multi_worker_mode():
-                reduction = "first"
-            return reduce_per_replica(values, strategy, reduction)
-
-        reduce_in_sync.takes_first_across_workers = True
-        trainer.reduce_per_replica = reduce_in_sync
-
-
-def is_chief(strategy):
-    """Only the chief writes the artifacts: the task called chief, else worker 0, else the only process."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or resolver.task_type in (None, "chief"):
-        return True
-    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
-
-
-def choose_precision(precision, strategy):
-    """Set Keras' dtype policy for --precision; returns its name. The softmax output stays float32 regardless.
-
-    auto: mixed_float16 on GPUs, mixed_bfloat16 on TPUs, float32 on the CPU: bfloat16 trained about 1.4× faster
-    on this project's BF16-capable CPU (README), but its effect on the metric is unmeasured, and CPUs without
-    BF16 instructions run it slower, so there it stays an explicit choice.
-    mixed: mixed precision on any device (bfloat16 where there is no GPU).
-    """
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
-    if precision == "float32" or (precision == "auto" and not (on_gpu or on_tpu)):
-        policy = "float32"
-    else:
-        policy = "mixed_float16" if on_gpu else "mixed_bfloat16"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
-
-
-# ============================================================================================= training
-# A run keeps its resumable state in OUTPUT_DIR/.resume/fold{k}/: state.json (finished phases, the history so
-# far, the best validation loss, which files are current), the best weights, a backup of the model and its
-# optimizer after the last finished epoch (like Keras' BackupAndRestore, but crash-safe) and, once the fold is
-# done, predictions.npz. A finished run deletes it; --resume continues from it after a crash, SIGKILL or Ctrl-C.
-
-RESUME_OPTIONS = ("data_dir", "image_size", "batch_size", "epochs", "fine_tune_epochs", "lr", "fine_tune_lr",
-                  "weights", "class_weights", "val_fraction", "folds", "seed")  # Must match to resume.
-interrupt_requested = threading.Event()
-
-
-def stop_at_batch_end_on_interrupt(signal_number, frame):
-    """SIGINT handler: training stops at the end of the current batch; a second Ctrl-C stops at once."""
-    if interrupt_requested.is_set():
-        raise KeyboardInterrupt
-    interrupt_requested.set()
-    print("\ninterrupted: stopping at the end of this batch (Ctrl-C again to stop at once)", flush=True)
-
-
-def learning_batch_normalizations(model):
-    """The BatchNormalization layers, nested ones included, that normalise with batch statistics in training."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization) and layer.trainable:
-            found.append(layer)
-        elif hasattr(layer, "layers"):
-            found += learning_batch_normalizations(layer)
-    return found
-
-
-def recalibrate_batch_normalization(model, batches):
-    """Set each learning BatchNormalization layer's moving statistics to its mean batch statistics over `batches`.
-
-    Inference uses moving averages (momentum 0.99) that, in a short run, still remember the random start and the
-    early weights: the model then predicts from statistics its layers no longer produce (a from-scratch run
-    predicted one class for every validation image). This pass ("precise BatchNorm") runs the current network in
-    training mode over unaugmented training images and stores the average of each layer's batch mean and variance,
-    so inference normalises as training did, now. Frozen layers (a pretrained base) keep their statistics.
-    """
-    normalizations = learning_batch_normalizations(model)
-    momentums = [layer.momentum for layer in normalizations]
-    if not hasattr(model, "statistics_pass"):  # Traced once per model: eager ResNet50 steps are slow.
-        model.statistics_pass = tf.function(lambda images: model(images, training=True))
-    totals = [np.zeros((2, *layer.moving_mean.shape)) for layer in normalizations]
-    try:
-        for layer in normalizations:
-            layer.momentum = 0.0  # Each pass then leaves exactly its own batch's statistics in the layer.
-        for index in range(len(batches)):
-            model.statistics_pass(batches[index][0])
-            for total, layer in zip(totals, normalizations):
-                total += (layer.moving_mean.numpy(), layer.moving_variance.numpy())
-        for total, layer in zip(totals, normalizations):
-            layer.moving_mean.assign(total[0] / len(batches))
-            layer.moving_variance.assign(total[1] / len(batches))
-    finally:
-        for layer, momentum in zip(normalizations, momentums):
-            layer.momentum = momentum
-
-
-class RecalibrateBatchNormalization(keras.callbacks.Callback):
-    """Recalibrates BatchNormalization once per epoch, before validation (or, without any, before the epoch is
-    saved), so that validation, the kept weights and the predictions all use the current statistics."""
-
-    def __init__(self, batches):
-        super().__init__()
-        self.batches = batches
-        self.done = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.done = False
-
-    def on_test_begin(self, logs=None):
-        self.recalibrate()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.recalibrate()
-
-    def recalibrate(self):
-        if not self.done:
-            recalibrate_batch_normalization(self.model, self.batches)
-            self.done = True
-
-
-class StopOnInterrupt(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
-
-    Raising, rather than setting stop_training, keeps Keras from saving the half-done epoch as finished.
-    """
-
-    def on_train_batch_end(self, batch, logs=None):
-        if interrupt_requested.is_set():
-            raise KeyboardInterrupt
-
-
-class TrainingState(keras.callbacks.Callback):
-    """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
-    validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
-    from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
-    state.json, written last and atomically, says which are current: a SIGKILL at any moment leaves a
-    consistent state."""
-
-    def __init__(self, fold_dir, phase, end_epoch, state):
-        super().__init__()
-        self.fold_dir, self.phase, self.end_epoch, self.state = fold_dir, phase, end_epoch, state
-
-    def on_epoch_end(self, epoch, logs=None):
-        superseded = [self.state["backup_file"]]
-        row = {"phase": self.phase, "epoch": epoch, **{name: float(value) for name, value in (logs or {}).items()}}
-        self.state["history"] = [old for old in self.state["history"] if old["epoch"] != epoch] + [row]
-        best = self.state["best_val_loss"]
-        if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
-            superseded.append(self.state["best_file"])
-            self.state.update(best_val_loss=row.get("val_loss"), best_file=f"best-epoch{epoch + 1}.npz")
-            write_atomically(self.fold_dir / self.state["best_file"], lambda path: np.savez(path, *self.model.get_weights()))
-        if epoch + 1 == self.end_epoch:
-            self.state.update(backup_file=None, backup_epoch=None)
-            self.state["finished_phases"].append(self.phase)
-        else:
-            self.state.update(backup_file=f"backup-epoch{epoch + 1}.weights.h5", backup_epoch=epoch + 1)
-            write_atomically(self.fold_dir / self.state["backup_file"], self.model.save_weights)  # With the optimizer.
-        write_json(self.state, self.fold_dir / "state.json")
-        for name in superseded:
-            if name and name not in (self.state["best_file"], self.state["backup_file"]):
-                (self.fold_dir / name).unlink(missing_ok=True)
-
-
-def restore_best_weights(model, fold_dir, state):
-    """Load the best epoch's weights (without a validation set, the latest epoch's)."""
-    if state["best_file"]:
-        with np.load(fold_dir / state["best_file"]) as saved:
-            model.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
-
-
-def restore_backup(model, fold_dir, state, phase, first_epoch):
-    """Continue a phase after its last finished epoch: reload the model and optimizer; returns that epoch."""
-    if state["backup_file"] is None:
-        return first_epoch
-    model.optimizer.build(model.trainable_variables)  # Its slots must exist before they can be loaded.
-    model.load_weights(fold_dir / state["backup_file"])
-    print(f"resuming phase {phase} after epoch {state['backup_epoch']}")
-    return state["backup_epoch"]
-
-
-def open_run_state(resume_dir, options):
-    """Start a run's resumable state, or check that --resume continues a run with the same options."""
-    current = json.loads(json.dumps({name: str(getattr(options, name)) for name in RESUME_OPTIONS}))
-    recorded = resume_dir / "options.json"
-    if options.resume and recorded.is_file():
-        previous = json.loads(recorded.read_text())
-        changed = [f"--{name.replace('_', '-')} was {previous.get(name)}, now {current[name]}"
-                   for name in RESUME_OPTIONS if previous.get(name) != current[name]]
-        if changed:
-            raise InputError(f"--resume: the interrupted run in {resume_dir.parent} used other options "
-                             f"({'; '.join(changed)}). Resume with the same options, or drop --resume.")
-        return
-    if options.resume:
-        print(f"--resume: no interrupted run in {resume_dir.parent}; starting afresh.")
-    elif resume_dir.exists():
-        print(f"note: discarding an interrupted run's state in {resume_dir} (pass --resume to continue it).")
-    shutil.rmtree(resume_dir, ignore_errors=True)
-    resume_dir.mkdir(parents=True)
-    write_json(current, recorded)
-
-
-def read_fold_state(fold_dir):
-    """A fold's saved progress, or a fresh start."""
-    if (fold_dir / "state.json").is_file():
-        return json.loads((fold_dir / "state.json").read_text())
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    return {"finished_phases": [], "history": [], "best_val_loss": None, "best_file": None,
-            "backup_file": None, "backup_epoch": None, "done": False}
-
-
-def make_batches(table, rows, options, strategy, augment=False):
-    """The streaming dataset for some labelled rows of a table; each batch feeds all of this worker's devices."""
-    return ImageBatches(
-        table["image_path"].to_numpy()[rows],
-        options.image_size,
-        options.batch_size * strategy.num_replicas_in_sync,  # Keras splits each batch over all replicas of all workers.
-        labels=table["label"].to_numpy()[rows],
-        class_weights=options.class_weights,
-        augment=augment,
-        seed=options.seed,
-        workers=options.workers,
-        skip_bad_images=options.skip_bad_images,
-    )
-
-
-def training_phases(options):
-    """(phase, first epoch, end epoch, learning rate) for each phase that runs."""
-    phases = [(1, 0, options.epochs, options.lr)]
-    if options.fine_tune_epochs > 0:
-        phases.append((2, options.epochs, options.epochs + options.fine_tune_epochs, options.fine_tune_lr))
-    return phases
-
-
-def run_phase(model, train_batches, validation_batches, statistics_batches, phase, first_epoch, end_epoch, fold_dir,
-              state):
-    """fit() for one phase, resuming after its last finished epoch; names an image that breaks mid-run."""
-    resume_epoch = restore_backup(model, fold_dir, state, phase, first_epoch)
-    train_batches.start_epoch(resume_epoch)
-    callbacks = [TrainingState(fold_dir, phase, end_epoch, state), StopOnInterrupt()]
-    if learning_batch_normalizations(model):
-        callbacks.insert(0, RecalibrateBatchNormalization(statistics_batches))  # First: before the epoch is saved.
-    try:
-        model.fit(
-            train_batches,
-            validation_data=validation_batches,
-            initial_epoch=resume_epoch,
-            epochs=end_epoch,
-            callbacks=callbacks,
-            shuffle=False,  # ImageBatches shuffles itself, from the seed.
-            verbose=1 if sys.stdout.isatty() else 2,  # One line per epoch in logs; a progress bar on a terminal.
-        )
-    except Exception:
-        failed_path = (train_batches.failed_path or getattr(validation_batches, "failed_path", None)
-                       or statistics_batches.failed_path)
-        if failed_path:
-            raise UnreadableImageError(
-                f"{failed_path}: cannot be decoded any more (it passed the check at the start). The run stopped "
-                "with its state saved: restore the file and run again with --resume, or add --skip-bad-images."
-            ) from None
-        raise
-
-
-def phase_description(phase, weights):
-    """What learns in a phase, for the log."""
-    if weights is None:
-        return "the whole network learns from scratch" if phase == 1 else "the whole network, at the lower rate"
-    if phase == 1:
-        return "base frozen"
-    return f"last {FINE_TUNE_LAYERS} base layers unfrozen (BatchNormalization frozen)"
-
-
-def train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy):
-    """Both training phases for one split, resuming from `state`; returns the model with its best weights."""
-    train_batches = make_batches(table, train_rows, options, strategy, augment=True)
-    validation_batches = make_batches(table, validation_rows, options, strategy) if len(validation_rows) else None
-    statistics_rows = np.random.default_rng(options.seed).permutation(train_rows)[:BATCH_NORMALIZATION_IMAGES]
-    statistics_batches = make_batches(table, np.sort(statistics_rows), options, strategy)
-    with strategy.scope():  # Variables, including the optimizer's, are created on every replica.
-        model = build_model(options.image_size, weights, from_scratch=weights is None)
-        for phase, first_epoch, end_epoch, learning_rate in training_phases(options):
-            if phase in state["finished_phases"]:
-                continue
-            if phase == 2:
-                restore_best_weights(model, fold_dir, state)  # Fine-tuning starts from phase 1's best epoch.
-                unfreeze_model(model, FINE_TUNE_LAYERS)
-            # Compiled again after unfreezing, so the change takes effect.
-            compile_model(model, learning_rate_schedule(learning_rate, len(train_batches), end_epoch - first_epoch))
-            if worker_count(strategy) > 1:
-                allow_multi_worker_training(model)
-            print(f"phase {phase}: {phase_description(phase, weights)}, epochs {first_epoch + 1}-{end_epoch} at "
-                  f"learning rate {learning_rate:g} (warmed up over the first epoch)")
-            run_phase(model, train_batches, validation_batches, statistics_batches, phase, first_epoch, end_epoch,
-                      fold_dir, state)
-        restore_best_weights(model, fold_dir, state)
-    skipped = train_batches.skipped | getattr(validation_batches, "skipped", set())
-    if skipped:
-        print(f"--skip-bad-images: left out {len(skipped)} image(s) that could not be decoded: {list_some(sorted(skipped))}")
-    return model
-
-
-def predict_probabilities(model, image_paths, options, skip_bad_images=False):
-    """Softmax probabilities for the images, streamed in order, and the mask of the images predicted.
-
-    An image that breaks stops the run with its name, unless skip_bad_images leaves it out (never for test rows).
-    """
-    if len(image_paths) == 0:
-        return np.zeros((0, len(CLASS_NAMES))), np.ones(0, bool)
-    batches = ImageBatches(image_paths, model.input_shape[1], options.batch_size, workers=options.workers,
-                           skip_bad_images=skip_bad_images)
-    try:
-        probabilities = model.predict(batches, verbose=0).astype(np.float64)
-    except Exception:
-        if batches.failed_path:
-            raise UnreadableImageError(f"{batches.failed_path}: cannot be decoded any more (it passed the check "
-                                       "at the start). Restore the file and run again.") from None
-        raise
-    return probabilities, ~np.isin(image_paths, list(batches.skipped))
-
-
-
-# =========================================================================================== evaluation
-
-# The competition metric: a class-weighted log loss per condition group, plus a per-study "any severe
-# spinal stenosis" binary log loss, averaged with equal weight. Lower is better. Labels and predictions are
-# long frames keyed by row_id, with one column per class; all-blank label rows are not scored.
-
-
-def clip_and_normalise(probabilities):
-    """Clips each row to [1e-15, 1 - 1e-15] and then rescales it to sum to 1, in the official metric's order."""
-    clipped = np.clip(probabilities, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
-    return clipped / clipped.sum(axis=1, keepdims=True)
-
-
-def aligned_probabilities(row_ids, predictions):
-    """The predicted CLASS_NAMES probabilities for each row_id, in that order; every row_id must be predicted."""
-    missing = row_ids[~row_ids.isin(predictions["row_id"])]
-    if not missing.empty:
-        raise InputError(f"the submission lacks {len(missing)} solution row_ids: {list_some(missing)}")
-    return predictions.set_index("row_id").loc[row_ids, list(CLASS_NAMES)].to_numpy(dtype=float)
-
-
-def scored_rows(labels, predictions):
-    """One row per labelled row_id with its study, group, severity, weight, log loss and severe probability."""
-    labels = labels[labels[list(CLASS_NAMES)].notna().any(axis=1)]
-    if labels.empty:
-        raise InputError("the solution has no labelled rows to score")
-    row_ids = labels["row_id"].reset_index(drop=True)
-    probabilities = clip_and_normalise(aligned_probabilities(row_ids, predictions))
-    true_classes = labels[list(CLASS_NAMES)].to_numpy().argmax(axis=1)
-    return pd.DataFrame({
-        "row_id": row_ids,
-        "study_id": study_ids(row_ids),
-        "group": condition_groups(row_ids),
-        "is_severe": true_classes == CLASS_NAMES.index("severe"),
-        "weight": np.asarray(LABEL_WEIGHTS)[true_classes],
-        "loss": -np.log(probabilities[np.arange(len(row_ids)), true_classes]),
-        "severe_probability": probabilities[:, CLASS_NAMES.index("severe")],
-    })
-
-
-def weighted_log_loss(rows):
-    """The weighted mean of the rows' log losses: sum(weight * loss) / sum(weight)."""
-    return float(np.average(rows["loss"], weights=rows["weight"]))
-
-
-def any_severe_spinal_loss(spinal_rows):
-    """The weighted binary log loss, over studies, of "does this study have a severe spinal level?".
-
-    A study's label is whether any level is severe, its prediction the largest severe probability, and its
-    weight the largest row weight among its spinal rows.
-    """
-    studies = spinal_rows.groupby("study_id")[["is_severe", "severe_probability", "weight"]].max()
-    is_severe = studies["is_severe"].to_numpy(dtype=float)
-    probability = studies["severe_probability"].to_numpy()
-    losses = -(is_severe * np.log(probability) + (1 - is_severe) * np.log1p(-probability))
-    return float(np.average(losses, weights=studies["weight"]))
-
-
-def score_predictions(labels, predictions):
-    """Scores predictions against labels with the competition metric; both are long frames keyed by row_id.
-
-    `labels` holds row_id and one-hot CLASS_NAMES columns (all-NaN rows are skipped); `predictions` holds
-    row_id and CLASS_NAMES probabilities, in any order, and may have extra rows. Row_ids are unique in each.
-    Returns "score" followed by "spinal", "foraminal", "subarticular" and "any_severe_spinal" for the groups
-    present. When no row_id names a condition, "score" is the weighted log loss over all rows and the only key.
-    """
-    rows = scored_rows(labels, predictions)
-    unnamed = rows.loc[rows["group"] == "", "row_id"]
-    if len(unnamed) == len(rows):
-        return {"score": weighted_log_loss(rows)}
-    # Scoring a mix would quietly give the unnamed rows a different weight from the rest, so refuse it.
-    if not unnamed.empty:
-        raise InputError(
-            f"{len(unnamed)} row_ids name none of the conditions {', '.join(CONDITION_GROUPS)} "
-            f"while the others do: {list_some(unnamed)}"
-        )
-    groups_present = [group for group in CONDITION_GROUPS.values() if (rows["group"] == group).any()]
-    components = {group: weighted_log_loss(rows[rows["group"] == group]) for group in groups_present}
-    if "spinal" in components:
-        components["any_severe_spinal"] = any_severe_spinal_loss(rows[rows["group"] == "spinal"])
-    return {"score": float(np.mean(list(components.values()))), **components}
-
-
-def best_constant_prediction(labels, class_weights=LABEL_WEIGHTS):
-    """The class distribution that minimises the weighted log loss over one-hot `labels`, as an array of 3.
-
-    A constant p minimises Σ_c weight_c · count_c · −log p_c at p_c ∝ weight_c · count_c: the class
-    frequencies times the metric's weights, renormalised. Weights (1, 1, 1) give the plain frequencies.
-    """
-    weighted = labels[list(CLASS_NAMES)].mean().to_numpy() * np.asarray(class_weights)
-    return weighted / weighted.sum()
-
-
-def best_constants(labels, class_weights=LABEL_WEIGHTS):
-    """The best constant for each location (condition and level) in `labels`, and overall under "".
-
-    One constant per location is the baseline competitors quote: on the real train.csv it scores 0.790,
-    against 0.931 for the plain frequencies (one global constant: 0.920).
-    """
-    constants = {"": best_constant_prediction(labels, class_weights)}
-    for location, location_labels in labels.groupby(locations(labels["row_id"])):
-        constants[location] = best_constant_prediction(location_labels, class_weights)
-    return constants
-
-
-def constant_predictions(row_ids, constants):
-    """Each row's location's constant, or the overall one for a location not seen in training."""
-    return np.array([constants.get(location, constants[""]) for location in locations(row_ids).astype(object).fillna("")])
-
-
-def read_solution(path):
-    """Labels from a long CSV (row_id + one-hot CLASS_NAMES) or the competition's wide train.csv."""
-    frame = read_csv(path)
-    if "row_id" not in frame.columns and "study_id" in frame.columns:
-        labels = labels_from_wide(frame)
-    else:
-        require_columns(path, frame, ("row_id", *CLASS_NAMES))
-        labels = pd.DataFrame(parse_labels(path, frame), columns=list(CLASS_NAMES))
-        labels.insert(0, "row_id", frame["row_id"])
-    refuse_duplicate_row_ids(path, labels)
-    return labels
-
-
-def read_submission(path):
-    """Predictions (row_id + CLASS_NAMES probabilities); every probability must be a finite, non-negative number."""
-    frame = read_table(path, SUBMISSION_COLUMNS)
-    probabilities = frame[list(CLASS_NAMES)].apply(lambda column: pd.to_numeric(column.str.strip(), errors="coerce"))
-    for column in CLASS_NAMES:
-        invalid = frame["row_id"][~(np.isfinite(probabilities[column]) & (probabilities[column] >= 0))]
-        if len(invalid):
-            raise InputError(
-                f"{path}: column {column} needs finite, non-negative probabilities; "
-                f"{len(invalid)} row(s) have a blank, text, infinite or negative value: {list_some(invalid)}."
-            )
-    return pd.concat([frame["row_id"], probabilities], axis=1)
-
-
-def format_score_table(scores):
-    """The metric's components and the overall score, as a short table."""
-    if list(scores) == ["score"]:
-        return f"row_ids name no condition, so the score is the weighted log loss over all rows: {scores['score']:.4f}"
-    components = [name for name in scores if name != "score"]
-    lines = [f"  {name:<20} {scores[name]:.4f}" for name in components]
-    lines.append(f"  {'score':<20} {scores['score']:.4f}  (mean of the {len(components)} above; lower is better)")
-    return "\n".join(["competition metric (weighted log loss):", *lines])
-
-
 def run_score(solution_path, submission_path):
     """`score`: print the components, then the scores as one JSON object on the last line; return them."""
     scores = score_predictions(read_solution(solution_path), read_submission(submission_path))
@@ -1583,134 +2227,7 @@ def run_score(solution_path, submission_path):
     return scores
 
 
-def labels_frame(row_ids, labels):
-    """row_id + one-hot label columns, the layout the metric reads."""
-    frame = pd.DataFrame(np.eye(len(CLASS_NAMES))[labels], columns=list(CLASS_NAMES))
-    frame.insert(0, "row_id", list(row_ids))
-    return frame
-
-
-def probabilities_frame(row_ids, probabilities):
-    """row_id + probability columns: the submission layout."""
-    frame = pd.DataFrame(np.asarray(probabilities, np.float64), columns=list(CLASS_NAMES))
-    frame.insert(0, "row_id", list(row_ids))
-    return frame
-
-
-def evaluate(row_ids, labels, probabilities, constant_probabilities):
-    """Validation metrics: the competition score and its parts, accuracy, a per-class table, the confusion
-    matrix, and the score of the best constant prediction (the prior the model has to beat)."""
-    truth = labels_frame(row_ids, labels)
-    predicted = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=range(len(CLASS_NAMES)), zero_division=0
-    )
-    constant_score = score_predictions(truth, probabilities_frame(row_ids, constant_probabilities))
-    return {
-        **score_predictions(truth, probabilities_frame(row_ids, probabilities)),
-        "best_constant_score": constant_score["score"],
-        "accuracy": float((predicted == labels).mean()),
-        "rows": int(len(labels)),
-        "per_class": {
-            name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
-                   "support": int(support[k])}
-            for k, name in enumerate(CLASS_NAMES)
-        },
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=range(len(CLASS_NAMES))).tolist(),
-    }
-
-
-def print_report(metrics):
-    """The table a competitor reads first: does the model beat the best constant?"""
-    components = [key for key in ("spinal", "foraminal", "subarticular", "any_severe_spinal") if key in metrics]
-    print(f"\nvalidation ({metrics['rows']} rows)")
-    print(f"  score (weighted log loss, lower is better)  {metrics['score']:.4f}")
-    for key in components:
-        print(f"    {key:<41}{metrics[key]:.4f}")
-    print(f"  best constant prediction                    {metrics['best_constant_score']:.4f}")
-    print(f"  accuracy                                    {metrics['accuracy']:.4f}")
-    print(f"\n  {'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
-    for name, row in metrics["per_class"].items():
-        print(f"  {name:<12}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}")
-    print(f"\n  confusion matrix (rows: true, columns: predicted)\n  {'':<12}" + "".join(f"{n:>12}" for n in CLASS_NAMES))
-    for name, row in zip(CLASS_NAMES, metrics["confusion_matrix"]):
-        print(f"  {name:<12}" + "".join(f"{count:>12}" for count in row))
-
-
-def save_plots(history, metrics, output_dir):
-    """training_curves.png and confusion_matrix.png, also shown inline in a notebook. Skipped without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed, so the plots were skipped (pip install matplotlib).")
-        return {}
-    if not in_notebook():
-        matplotlib.use("Agg")  # Draw to files only; a terminal or CI has no display.
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    curves, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, metric, title in zip(axes, ("loss", "accuracy"), ("loss (class-weighted cross-entropy)", "accuracy")):
-        for fold, rows in history.groupby("fold"):
-            line = axis.plot(rows["epoch"] + 1, rows[metric], "-o", label=f"fold {fold} training")[0]
-            if f"val_{metric}" in rows:
-                axis.plot(rows["epoch"] + 1, rows[f"val_{metric}"], "--o", color=line.get_color(),
-                          label=f"fold {fold} validation")
-        if (history["phase"] == 2).any():
-            axis.axvline(history.loc[history["phase"] == 2, "epoch"].min() + 0.5, color="gray", linestyle=":",
-                         label="fine-tuning starts")
-        axis.set(title=title, xlabel="epoch")
-        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        axis.legend(fontsize="small")
-
-    matrix, axis = plt.subplots(figsize=(5, 4.5))
-    counts = np.array(metrics["confusion_matrix"])
-    axis.imshow(counts, cmap="Blues")
-    axis.set(xticks=range(len(CLASS_NAMES)), yticks=range(len(CLASS_NAMES)), xticklabels=CLASS_NAMES,
-             yticklabels=CLASS_NAMES, xlabel="predicted", ylabel="true", title="validation confusion matrix")
-    for (true, predicted), count in np.ndenumerate(counts):
-        axis.text(predicted, true, count, ha="center", va="center",
-                  color="white" if count > counts.max() / 2 else "black")
-
-    paths = {}
-    for name, figure in (("training_curves", curves), ("confusion_matrix", matrix)):
-        figure.tight_layout()
-        paths[name] = output_dir / f"{name}.png"
-        write_atomically(paths[name], figure.savefig)
-        if in_notebook():
-            from IPython.display import display
-
-            display(figure)
-        plt.close(figure)
-    return paths
-
-
-# ============================================================================ prediction and submission
-
-
-def fill_rows_without_image(test_table, image_probabilities, constants):
-    """All test rows' probabilities: the models' for rows with an image, the best constant for the rest."""
-    has_image = test_table["image_path"].notna().to_numpy()
-    probabilities = np.empty((len(test_table), len(CLASS_NAMES)))
-    probabilities[has_image] = image_probabilities
-    if not has_image.all():
-        print(f"test.csv: {int((~has_image).sum())} row(s) without an image get their location's best constant.")
-        probabilities[~has_image] = constant_predictions(test_table["row_id"][~has_image], constants)
-    return probabilities
-
-
-def write_submission(row_ids, probabilities, path):
-    """submission.csv: test.csv's row_ids in test.csv's order, finite probabilities that sum to 1."""
-    probabilities = np.asarray(probabilities, np.float64)
-    if not np.isfinite(probabilities).all():
-        raise RuntimeError("The model produced non-finite probabilities; the submission was not written.")
-    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
-    return write_csv(probabilities_frame(row_ids, probabilities), path)
-
-
-# ================================================================================ command line and main
-
-# ----------------------------------------------------------------------------------------------- Kaggle
+# == 11. command line ==================================================================================================
 
 
 def on_kaggle():
@@ -1718,16 +2235,21 @@ def on_kaggle():
     return (KAGGLE_ROOT / "input").is_dir()
 
 
+def kaggle_input_files(name, depth):
+    """Paths named `name` in the data attached under /kaggle/input, at most `depth` folders deep, shallowest first.
+    Attached datasets sit a few folders deep; the image trees below them are not walked."""
+    for level in range(1, depth + 1):
+        yield from sorted((KAGGLE_ROOT / "input").glob("/".join(["*"] * level) + "/" + name))
+
+
 def find_kaggle_data_dir(split):
     """The data attached under /kaggle/input for a split: a dataset in the seed layout, else the competition."""
-    input_dir = KAGGLE_ROOT / "input"
     for marker in (f"{split}.csv", f"{split}_series_descriptions.csv"):
-        for depth in range(1, 4):  # Datasets sit a few folders deep; don't walk the image trees.
-            for path in sorted(input_dir.glob("/".join(["*"] * depth) + "/" + marker)):
-                # The competition's own train.csv is wide (no image_path); it is found by its series file.
-                with path.open(encoding="utf-8", errors="replace") as file:
-                    if "series" in marker or "image_path" in file.readline():
-                        return path.parent
+        for path in kaggle_input_files(marker, depth=3):
+            # The competition's own train.csv is wide (no image_path); it is found by its series file.
+            with path.open(encoding="utf-8", errors="replace") as file:
+                if "series" in marker or "image_path" in file.readline():
+                    return path.parent
     return None
 
 
@@ -1751,9 +2273,6 @@ def resolve_output_dir(option):
     return KAGGLE_ROOT / "working" if on_kaggle() else Path(".")
 
 
-# ----------------------------------------------------------------------------------------- command line
-
-
 COMMANDS = ("train", "predict", "score", "prepare")
 
 
@@ -1771,7 +2290,7 @@ def integer_at_least(minimum, reason=""):
 
 positive_int = integer_at_least(1)
 non_negative_int = integer_at_least(0)
-image_size = integer_at_least(32, " (ResNet50's smallest input)")
+pixels_at_least_32 = integer_at_least(32, " (ResNet50's smallest input)")
 
 
 def fraction(text):
@@ -1781,7 +2300,7 @@ def fraction(text):
     return value
 
 
-def class_weights(text):
+def three_positive_weights(text):
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -1791,16 +2310,36 @@ def class_weights(text):
     return values
 
 
+def choices_help(choices):
+    """Help text for a {choice: meaning} table."""
+    return "; ".join(f"{choice}: {meaning}" for choice, meaning in choices.items())
+
+
 def add_common_options(parser):
     """Options that train and predict share."""
-    parser.add_argument("--data-dir", default=DATA_DIR,
-                        help="folder with train.csv/test.csv and their images (default: the current folder; "
-                             "on Kaggle, the data attached under /kaggle/input)")
-    parser.add_argument("--output-dir", default=OUTPUT_DIR,
-                        help="where outputs are written (default: the current folder; /kaggle/working on Kaggle)")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                        help="images per step on each device; the global batch is this × the replicas (default: %(default)s)")
-    parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads reading images (default: %(default)s, the CPU count)")
+    parser.add_argument(
+        "--data-dir",
+        default=DATA_DIR,
+        help="folder with train.csv/test.csv and their images (default: the current folder; "
+        "on Kaggle, the data attached under /kaggle/input)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=OUTPUT_DIR,
+        help="where outputs are written (default: the current folder; /kaggle/working on Kaggle)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=BATCH_SIZE,
+        help="images per step on each device; the global batch is this × the replicas (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=WORKERS,
+        help="threads reading images (default: %(default)s, the CPU count)",
+    )
 
 
 def build_parser(command):
@@ -1810,50 +2349,135 @@ def build_parser(command):
         prog=program,
         description=__doc__.split("\n\n")[1] if command == "train" else None,
         epilog="Other commands: predict, score, prepare (see `python script.py COMMAND --help`)."
-        if command == "train" else None,
+        if command == "train"
+        else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # A notebook kernel's own `--f=kernel.json` must not pass for --folds.
     )
     if command == "train":
         add_common_options(parser)
-        parser.add_argument("--image-size", type=image_size, default=IMAGE_SIZE, help="pixels, square (default: %(default)s)")
-        parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="phase 1 epochs, base frozen (default: %(default)s)")
-        parser.add_argument("--fine-tune-epochs", type=non_negative_int, default=FINE_TUNE_EPOCHS,
-                            help=f"phase 2 epochs, last {FINE_TUNE_LAYERS} base layers unfrozen; 0 skips it (default: %(default)s)")
-        parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)")
-        parser.add_argument("--fine-tune-lr", type=float, default=FINE_TUNE_LEARNING_RATE, help="phase 2 learning rate (default: %(default)g)")
-        parser.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a path to ResNet50 notop weights (default: %(default)s)")
-        parser.add_argument("--class-weights", type=class_weights, default=CLASS_WEIGHTS,
-                            help="loss weight per true class normal_mild,moderate,severe; 1,1,1 turns weighting off (default: 1,2,4, the metric's)")
-        parser.add_argument("--val-fraction", type=fraction, default=VAL_FRACTION, help="share held out for validation, whole studies (default: %(default)s)")
-        parser.add_argument("--folds", type=positive_int, default=FOLDS,
-                            help="K > 1 trains K models on grouped, stratified folds and averages them (default: %(default)s)")
+        parser.add_argument(
+            "--image-size", type=pixels_at_least_32, default=IMAGE_SIZE, help="pixels, square (default: %(default)s)"
+        )
+        parser.add_argument(
+            "--epochs",
+            type=positive_int,
+            default=EPOCHS,
+            help="phase 1 epochs: pretrained, the base is frozen and the head learns; with --weights none, the "
+            "whole network learns from scratch (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--fine-tune-epochs",
+            type=non_negative_int,
+            default=FINE_TUNE_EPOCHS,
+            help="phase 2 epochs at --fine-tune-lr: pretrained, the last --fine-tune-layers base layers learn too; "
+            "from scratch, the whole network goes on; 0 skips it (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--fine-tune-layers",
+            type=positive_int,
+            default=FINE_TUNE_LAYERS,
+            help="base layers that learn in phase 2 with pretrained weights; BatchNormalization layers stay "
+            "frozen (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--lr", type=float, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)"
+        )
+        parser.add_argument(
+            "--fine-tune-lr",
+            type=float,
+            default=FINE_TUNE_LEARNING_RATE,
+            help="phase 2 learning rate (default: %(default)g)",
+        )
+        parser.add_argument(
+            "--weights",
+            default=WEIGHTS,
+            help="imagenet, none (from scratch), or a path to ResNet50 notop weights, trained like ImageNet's "
+            "(default: %(default)s)",
+        )
+        parser.add_argument(
+            "--class-weights",
+            type=three_positive_weights,
+            default=CLASS_WEIGHTS,
+            help="loss weight per true class normal_mild,moderate,severe; 1,1,1 turns weighting off "
+            "(default: 1,2,4, the metric's)",
+        )
+        parser.add_argument(
+            "--val-fraction",
+            type=fraction,
+            default=VAL_FRACTION,
+            help="share held out for validation, whole studies (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--folds",
+            type=positive_int,
+            default=FOLDS,
+            help="K > 1 trains K models on grouped, stratified folds and averages them (default: %(default)s)",
+        )
         parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
-        parser.add_argument("--strategy", choices=("auto", "default", "mirrored", "multiworker", "tpu"), default=STRATEGY,
-                            help="tf.distribute strategy; auto: several GPUs → mirrored, TF_CONFIG → multiworker (default: %(default)s)")
-        parser.add_argument("--precision", choices=("auto", "float32", "mixed"), default=PRECISION,
-                            help="auto: mixed_float16 on GPUs, float32 on the CPU; mixed: bfloat16 where no GPU (default: %(default)s)")
-        parser.add_argument("--resume", action="store_true",
-                            help="continue an interrupted run in --output-dir from its last finished epoch")
-        parser.add_argument("--skip-bad-images", action="store_true",
-                            help="drop training rows whose image is missing or cannot be decoded (counted), instead of stopping")
+        parser.add_argument(
+            "--strategy",
+            choices=STRATEGIES,
+            default=STRATEGY,
+            help="tf.distribute strategy: " + choices_help(STRATEGIES) + " (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default=PRECISION,
+            help="dtype policy: " + choices_help(PRECISIONS) + " (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue an interrupted run in --output-dir from its last finished epoch",
+        )
+        parser.add_argument(
+            "--skip-bad-images",
+            action="store_true",
+            help="drop training rows whose image is missing or cannot be decoded (counted), instead of stopping",
+        )
     elif command == "predict":
         add_common_options(parser)
-        parser.add_argument("--model", nargs="+", required=True, type=Path,
-                            help="saved model(s) (.keras); several are averaged, as a K-fold run's are")
+        parser.add_argument(
+            "--model",
+            nargs="+",
+            required=True,
+            type=Path,
+            help="saved model(s) (.keras); several are averaged, as a K-fold run's are",
+        )
     elif command == "prepare":
-        parser.add_argument("--competition-dir", required=True, type=Path,
-                            help="the competition's folder: train.csv, *_series_descriptions.csv, *_images/")
+        parser.add_argument(
+            "--competition-dir",
+            required=True,
+            type=Path,
+            help="the competition's folder: train.csv, *_series_descriptions.csv, *_images/",
+        )
         parser.add_argument("--out-dir", required=True, type=Path, help="where the seed layout is written")
         parser.add_argument("--split", choices=("train", "test"), default="train", help="(default: %(default)s)")
-        parser.add_argument("--coordinates", type=Path,
-                            help="label coordinates CSV (default: train_label_coordinates.csv for train; none for test, "
-                                 "so test rows get an empty image_path)")
-        parser.add_argument("--crop-mm", type=float, default=PREPARE_CROP_MM, help="crop side in millimetres (default: %(default)s)")
-        parser.add_argument("--crop-pixels", type=positive_int, default=PREPARE_CROP_PIXELS, help="crop side in pixels (default: %(default)s)")
+        parser.add_argument(
+            "--coordinates",
+            type=Path,
+            help="label coordinates CSV (default: train_label_coordinates.csv for train; none for test, "
+            "so test rows get an empty image_path)",
+        )
+        parser.add_argument(
+            "--crop-mm", type=float, default=PREPARE_CROP_MM, help="crop side in millimetres (default: %(default)s)"
+        )
+        parser.add_argument(
+            "--crop-pixels",
+            type=positive_int,
+            default=PREPARE_CROP_PIXELS,
+            help="crop side in pixels (default: %(default)s)",
+        )
         parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads (default: %(default)s)")
     elif command == "score":
-        parser.add_argument("--solution", required=True, type=Path, help="labels: row_id + one-hot columns, or the competition's wide train.csv")
+        parser.add_argument(
+            "--solution",
+            required=True,
+            type=Path,
+            help="labels: row_id + one-hot columns, or the competition's wide train.csv",
+        )
         parser.add_argument("--submission", required=True, type=Path, help="row_id, normal_mild, moderate, severe")
     return parser
 
@@ -1877,202 +2501,6 @@ def parse_arguments(argv):
     return command, options
 
 
-def print_start_summary(data_dir, table, test_table, weights_source):
-    """What the run found: data, class mix, device and weights."""
-    counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
-    mix = ", ".join(f"{name} {count} ({count / len(table):.0%})" for name, count in zip(CLASS_NAMES, counts))
-    devices = ", ".join(sorted({device.device_type for device in tf.config.list_logical_devices()}))
-    print(f"data:    {data_dir.resolve()}: {len(table)} training rows ({mix}), {len(test_table)} test rows")
-    print(f"device:  {devices}")
-    print(f"weights: {weights_source}")
-
-
-def print_end_summary(artifacts, model_paths, data_dir, seconds):
-    """Where everything went, and how to predict again without training."""
-    print(f"\nfinished in {seconds:.0f} s. Wrote:")
-    for name, path in artifacts.items():
-        print(f"  {name:<18}{path}")
-    models = " ".join(str(path) for path in model_paths)
-    print(f"Predict again without training: python script.py predict --model {models} --data-dir {data_dir}")
-
-
-def run_config(options, weights_source, constants):
-    """config.json: the resolved options, where the weights came from, the priors, and the library versions."""
-    return {
-        "options": {name: str(value) if isinstance(value, Path) else value for name, value in vars(options).items()},
-        "weights_source": weights_source,
-        "best_constants": {location: constant.tolist() for location, constant in constants.items()},
-        "versions": {
-            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__, "opencv": cv2.__version__,
-            "scikit-learn": sklearn.__version__,
-        },
-    }
-
-
-def prepare_output_dir(path):
-    """Create the output folder and prove it is writable, before any training time is spent."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--output-dir {path}: is a file, not a folder. Choose a folder.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise InputError(f"--output-dir {path}: cannot be written ({error.strerror}). Choose a writable folder.") from None
-    return path
-
-
-def checkpoint_bytes(image_size, folds):
-    """A generous estimate of the disk a run needs: each fold's model file, plus the best weights and the
-    double backup (weights and Adam's two moments) that exist while a fold trains."""
-    head_inputs = math.ceil(image_size / 32) ** 2 * 2048  # ResNet50 downsamples 32×; Flatten sees all of it.
-    head = head_inputs * 128 + 128 + 128 * len(CLASS_NAMES) + len(CLASS_NAMES)
-    trainable = head + RESNET50_TOP_LAYER_PARAMETERS
-    model_file = 4 * (RESNET50_PARAMETERS + head + 2 * trainable)  # float32 weights and Adam's moments.
-    return folds * model_file + 3 * model_file
-
-
-def refuse_low_disk(output_dir, image_size, folds):
-    """Refuse to start a run whose checkpoints would not fit on the output disk."""
-    needed, free = checkpoint_bytes(image_size, folds), shutil.disk_usage(output_dir).free
-    if free < needed:
-        raise InputError(f"--output-dir {output_dir}: {free / 1e9:.1f} GB free, but a run at {image_size} px with "
-                         f"{folds} fold(s) needs about {needed / 1e9:.1f} GB for its models and checkpoints. "
-                         "Free some space or choose another folder.")
-
-
-def train(options):
-    """The whole job: validate, train and validate each fold, report, predict the test set, write artifacts."""
-    started = time.time()
-    data_dir = options.data_dir
-    table = load_train_table(data_dir, options.skip_bad_images)
-    test_table = load_test_table(data_dir)
-    weights, weights_source = resolve_weights(options.weights)
-    folds = split_folds(table, options.folds, options.val_fraction, options.seed)
-    strategy = choose_strategy(options.strategy)  # First: a multi-worker strategy must precede other TF work.
-    policy = choose_precision(options.precision, strategy)
-    output_dir = prepare_output_dir(options.output_dir if is_chief(strategy) else tempfile.mkdtemp())
-    refuse_low_disk(output_dir, options.image_size, len(folds))
-    resume_dir = output_dir / ".resume"
-    open_run_state(resume_dir, options)
-    keras.utils.set_random_seed(options.seed)
-    print_start_summary(data_dir, table, test_table, weights_source)
-    print(f"strategy: {strategy_name(strategy)}, {strategy.num_replicas_in_sync} replica(s), global batch "
-          f"{options.batch_size * strategy.num_replicas_in_sync}; precision: {policy}"
-          + ("" if is_chief(strategy) else f"; not the chief, so writing to scratch folder {output_dir}"))
-
-    # The prior the model must beat, from all training labels: if anything, this flatters the prior.
-    constants = best_constants(labels_frame(table["row_id"], table["label"]))
-    histories, validated_rows, oof_parts, test_parts, model_paths = [], [], [], [], []
-    test_images = test_table["image_path"].dropna().tolist()
-    for fold, (train_rows, validation_rows) in enumerate(folds, start=1):
-        fold_dir = resume_dir / f"fold{fold}"
-        state = read_fold_state(fold_dir)
-        model_paths.append(output_dir / ("model.keras" if len(folds) == 1 else f"model_fold{fold}.keras"))
-        print(f"\nfold {fold}/{len(folds)}: {len(train_rows)} training rows, {len(validation_rows)} validation rows")
-        if state["done"]:
-            print("finished before the interruption: reusing its model and predictions")
-        else:
-            keras.mixed_precision.set_global_policy(policy)  # clear_session() after a fold resets it.
-            model = train_fold(table, train_rows, validation_rows, options, weights, fold_dir, state, strategy)
-            write_atomically(model_paths[-1], model.save)
-            if strategy.num_replicas_in_sync > 1:  # Keras predicts unevenly split batches on one device only.
-                del model
-                keras.backend.clear_session()
-                model = load_saved_model(model_paths[-1])
-            validation_images = table["image_path"].to_numpy()[validation_rows]
-            validation, predicted = predict_probabilities(model, validation_images, options, options.skip_bad_images)
-            predictions = {"validation": validation, "validation_rows": validation_rows[predicted],
-                           "test": predict_probabilities(model, test_images, options)[0]}
-            write_atomically(fold_dir / "predictions.npz", lambda path: np.savez(path, **predictions))
-            state["done"] = True
-            write_json(state, fold_dir / "state.json")
-            keras.backend.clear_session()  # Free this fold's model before the next one is built.
-        with np.load(fold_dir / "predictions.npz") as predictions:
-            oof_parts.append(predictions["validation"])
-            validated_rows.append(predictions["validation_rows"])
-            test_parts.append(predictions["test"])
-        histories.append(pd.DataFrame(state["history"]).assign(fold=fold))
-
-    history = pd.concat(histories, ignore_index=True)
-    history = history[["fold", *[column for column in history.columns if column != "fold"]]]
-    artifacts = {"models": ", ".join(str(path) for path in model_paths)}
-    artifacts["history"] = write_csv(history, output_dir / "history.csv")
-    rows = np.concatenate(validated_rows)
-    if len(rows):
-        row_ids, labels, oof = table["row_id"].to_numpy()[rows], table["label"].to_numpy()[rows], np.concatenate(oof_parts)
-        metrics = evaluate(row_ids, labels, oof, constant_predictions(row_ids, constants))
-        print_report(metrics)
-        artifacts["oof"] = write_csv(probabilities_frame(row_ids, oof), output_dir / "oof.csv")
-        artifacts["metrics"] = write_json(metrics, output_dir / "metrics.json")
-        artifacts.update(save_plots(history, metrics, output_dir))
-    else:
-        print("\nno validation rows (--val-fraction 0): the model is the last epoch's and nothing is scored.")
-
-    artifacts["config"] = write_json(run_config(options, weights_source, constants), output_dir / "config.json")
-    probabilities = fill_rows_without_image(test_table, np.mean(test_parts, axis=0), constants)
-    artifacts["submission"] = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
-    shutil.rmtree(resume_dir)  # The run is complete: nothing left to resume.
-    if not is_chief(strategy):
-        shutil.rmtree(output_dir)  # A worker's copies only kept its steps in line with the chief's.
-    print_end_summary(artifacts, model_paths, data_dir, time.time() - started)
-    return 0
-
-
-def load_saved_model(path):
-    """A saved .keras model, loaded in safe mode so that a model file cannot run arbitrary code."""
-    try:
-        return keras.models.load_model(path, safe_mode=True)
-    except Exception as error:
-        raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {error}).") from None
-
-
-def predict(options):
-    """Write submission.csv from saved model(s), without training. The image size comes from each model."""
-    data_dir = options.data_dir
-    test_table = load_test_table(data_dir)
-    constants = {}
-    if test_table["image_path"].isna().any():  # Those rows need the training run's priors.
-        config_path = options.model[0].parent / "config.json"
-        if not config_path.is_file():
-            raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
-        constants = {key: np.array(value) for key, value in json.loads(config_path.read_text())["best_constants"].items()}
-    for path in options.model:
-        if not path.is_file():
-            raise InputError(f"--model {path}: file not found.")
-        if not zipfile.is_zipfile(path):  # Cheap, and before anything is written.
-            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
-    output_dir = prepare_output_dir(options.output_dir)
-    test_images = test_table["image_path"].dropna().tolist()
-    image_probabilities = []
-    for path in options.model:  # One model in memory at a time.
-        image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
-        keras.backend.clear_session()
-    probabilities = fill_rows_without_image(test_table, np.mean(image_probabilities, axis=0), constants)
-    path = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
-    print(f"wrote {path}: {len(test_table)} rows from {len(options.model)} model(s)")
-    return 0
-
-
-def is_competition_layout(data_dir):
-    """The competition's own folder (DICOMs and a wide train.csv) rather than the seed layout."""
-    return (data_dir / "train_series_descriptions.csv").is_file() or (data_dir / "test_series_descriptions.csv").is_file()
-
-
-def prepare_for_run(competition_dir, output_dir, command):
-    """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick)."""
-    prepared = output_dir / "prepared"
-    print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
-    splits = (["train"] if command == "train" else []) + ["test"]
-    for split in splits:
-        if (competition_dir / f"{split}_series_descriptions.csv").is_file():
-            print_prepare_summary(prepare_competition(competition_dir, prepared, split))
-    return prepared
-
-
 def run_command(command, options):
     """Dispatch to one command."""
     if command in ("train", "predict"):
@@ -2085,9 +2513,17 @@ def run_command(command, options):
     if command == "predict":
         return predict(options)
     if command == "prepare":
-        print_prepare_summary(prepare_competition(options.competition_dir, options.out_dir, options.split,
-                                                  options.coordinates, options.crop_mm, options.crop_pixels,
-                                                  options.workers))
+        print_prepare_summary(
+            prepare_competition(
+                options.competition_dir,
+                options.out_dir,
+                options.split,
+                options.coordinates,
+                options.crop_mm,
+                options.crop_pixels,
+                options.workers,
+            )
+        )
         return 0
     if command == "score":
         run_score(options.solution, options.submission)
@@ -2108,9 +2544,16 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nstopped by Ctrl-C." + (" The state after the last finished epoch is saved; continue with:\n"
-              f"  python script.py {shlex.join(argv if '--resume' in argv else [*argv, '--resume'])}"
-              if command == "train" else ""), file=sys.stderr)
+        print(
+            "\nstopped by Ctrl-C."
+            + (
+                " The state after the last finished epoch is saved; continue with:\n"
+                f"  python script.py {shlex.join(argv if '--resume' in argv else [*argv, '--resume'])}"
+                if command == "train"
+                else ""
+            ),
+            file=sys.stderr,
+        )
         return 130
     finally:
         interrupt_requested.clear()

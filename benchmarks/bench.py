@@ -41,17 +41,17 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 sys.path.insert(0, str(REPOSITORY / "tests"))
 
-import script  # noqa: E402  (first, so TensorFlow starts quietly; needs the path set up above)
 import cv2  # noqa: E402
 import keras  # noqa: E402
+import naive  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy  # noqa: E402
 import sklearn  # noqa: E402
+import synthetic  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import naive  # noqa: E402
-import synthetic  # noqa: E402
+import script  # noqa: E402  (first, so TensorFlow starts quietly; needs the path set up above)
 
 # ImageDataGenerator (in the naive design and in script.py's parameter sampling) is deprecated and says so often.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -146,10 +146,19 @@ class Bench:
         key = (train_rows, image_size)
         if key not in self.datasets:
             folder = self.workspace / f"data-{train_rows}-rows-{image_size}-px"
-            print(f"generating {train_rows} + {TEST_ROWS} pictures at {source_size(image_size)} px for {image_size}-px "
-                  f"runs in {folder}", file=sys.stderr, flush=True)
-            synthetic.make_dataset(folder, train_rows=train_rows, test_rows=TEST_ROWS,
-                                   image_size=source_size(image_size), class_mix=synthetic.REAL_CLASS_MIX)
+            print(
+                f"generating {train_rows} + {TEST_ROWS} pictures at {source_size(image_size)} px for {image_size}-px "
+                f"runs in {folder}",
+                file=sys.stderr,
+                flush=True,
+            )
+            synthetic.make_dataset(
+                folder,
+                train_rows=train_rows,
+                test_rows=TEST_ROWS,
+                image_size=source_size(image_size),
+                class_mix=synthetic.REAL_CLASS_MIX,
+            )
             self.datasets[key] = folder
         return self.datasets[key]
 
@@ -168,8 +177,9 @@ class Bench:
         """Training on in-memory tensors in one phase; measured once, shared by model and end-to-end."""
         if phase not in self.model_only:
             paths, labels = self.training_rows(self.timed_images)
-            self.model_only[phase] = self.best_of(training_throughput, paths, labels, phase, self.options,
-                                                  streamed=False)
+            self.model_only[phase] = self.best_of(
+                training_throughput, paths, labels, phase, self.options, streamed=False
+            )
         return self.model_only[phase]
 
     def best_of(self, measure, *arguments, **keywords):
@@ -208,8 +218,13 @@ def training_model(options, phase):
 
 def in_memory_batches(paths, labels, options, with_labels=True):
     """Two real augmented batches held as tensors and repeated forever: the model's input at no cost."""
-    source = script.ImageBatches(paths[: 2 * options.batch_size], options.image_size, options.batch_size,
-                                 labels=labels[: 2 * options.batch_size], augment=True)
+    source = script.ImageBatches(
+        paths[: 2 * options.batch_size],
+        options.image_size,
+        options.batch_size,
+        labels=labels[: 2 * options.batch_size],
+        augment=True,
+    )
     images, one_hot, weights = (np.concatenate(parts) for parts in zip(source[0], source[1], strict=True))
     slices = (images, one_hot, weights) if with_labels else images
     return tf.data.Dataset.from_tensor_slices(slices).repeat().batch(options.batch_size).prefetch(tf.data.AUTOTUNE)
@@ -217,8 +232,15 @@ def in_memory_batches(paths, labels, options, with_labels=True):
 
 def streamed_batches(paths, labels, options, augment):
     """script.py's own streaming input, with one worker thread per core as in a real run."""
-    return script.ImageBatches(paths, options.image_size, options.batch_size, labels=labels,
-                               class_weights=script.CLASS_WEIGHTS, augment=augment, workers=os.cpu_count())
+    return script.ImageBatches(
+        paths,
+        options.image_size,
+        options.batch_size,
+        labels=labels,
+        class_weights=script.LABEL_WEIGHTS,
+        augment=augment,
+        workers=os.cpu_count(),
+    )
 
 
 def steps_of(data, options):
@@ -290,16 +312,24 @@ class Run:
     @classmethod
     def best(cls, runs):
         """The quickest of several runs of one command, and the highest memory peak any of them reached."""
-        return cls(min(run.wall_seconds for run in runs), min(run.cpu_seconds for run in runs),
-                   max(run.peak_rss_mb for run in runs))
+        return cls(
+            min(run.wall_seconds for run in runs),
+            min(run.cpu_seconds for run in runs),
+            max(run.peak_rss_mb for run in runs),
+        )
 
 
 def run_measured(command, log_path):
     """Run one command to completion in its own process, and measure it."""
     print(f"running {' '.join(map(str, command))}", file=sys.stderr, flush=True)
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    runner = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(log_path), *map(str, command)],
-                            env=environment, capture_output=True, text=True, check=True)
+    runner = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_RUNNER, str(log_path), *map(str, command)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     exit_code, wall_seconds, cpu_seconds, peak_kilobytes = runner.stdout.split()
     if int(exit_code) != 0:
         tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-20:])
@@ -309,9 +339,22 @@ def run_measured(command, log_path):
 
 def training_command(program, data_dir, output_dir, image_size, fine_tune_epochs):
     """A real training run of script.py or naive.py: random weights, one epoch, optionally one more in phase 2."""
-    return [sys.executable, str(program), "--data-dir", str(data_dir), "--output-dir", str(output_dir),
-            "--weights", "none", "--image-size", str(image_size),
-            "--epochs", "1", "--fine-tune-epochs", str(fine_tune_epochs)]
+    return [
+        sys.executable,
+        str(program),
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(output_dir),
+        "--weights",
+        "none",
+        "--image-size",
+        str(image_size),
+        "--epochs",
+        "1",
+        "--fine-tune-epochs",
+        str(fine_tune_epochs),
+    ]
 
 
 # =========================================================================================== sections
@@ -326,8 +369,12 @@ def benchmark_input(bench):
     load_seconds = time.perf_counter() - started
     flow = naive.augmenter().flow(images, np.eye(len(script.CLASS_NAMES))[labels], batch_size=options.batch_size)
     bench.record("input", f"naive one-time load of {len(paths)} images into RAM", load_seconds, "s")
-    bench.record("input", "naive in-RAM images (float64 array + flow's float32 copy)",
-                 (images.nbytes + flow.x.nbytes) / 2**20, "MB")
+    bench.record(
+        "input",
+        "naive in-RAM images (float64 array + flow's float32 copy)",
+        (images.nbytes + flow.x.nbytes) / 2**20,
+        "MB",
+    )
     for workers in (1, os.cpu_count()):
         name = "1 worker" if workers == 1 else f"{workers} workers"
         ours_throughput = pipeline_throughput(ours, workers, len(paths))
@@ -336,18 +383,29 @@ def benchmark_input(bench):
         bench.record_throughput("input", f"naive ImageDataGenerator, {name}", naive_throughput)
         speedup = ours_throughput.images_per_second / naive_throughput.images_per_second
         if workers == 1:
-            bench.record("input", "ours / naive, per core", speedup, "×", f"≥ {INPUT_SPEEDUP_TARGET:g}",
-                         speedup >= INPUT_SPEEDUP_TARGET)
-            bench.record("input", "ours / naive, per core, by CPU time",
-                         naive_throughput.cpu_ms_per_image / ours_throughput.cpu_ms_per_image, "×")
+            bench.record(
+                "input",
+                "ours / naive, per core",
+                speedup,
+                "×",
+                f"≥ {INPUT_SPEEDUP_TARGET:g}",
+                speedup >= INPUT_SPEEDUP_TARGET,
+            )
+            bench.record(
+                "input",
+                "ours / naive, per core, by CPU time",
+                naive_throughput.cpu_ms_per_image / ours_throughput.cpu_ms_per_image,
+                "×",
+            )
         else:
             bench.record("input", f"ours / naive, {name}", speedup, "×")
 
 
 def benchmark_model(bench):
     for phase in (1, 2):
-        bench.record_throughput("model", f"training on in-memory tensors, phase {phase}",
-                                bench.model_only_throughput(phase))
+        bench.record_throughput(
+            "model", f"training on in-memory tensors, phase {phase}", bench.model_only_throughput(phase)
+        )
 
 
 def benchmark_end_to_end(bench):
@@ -378,15 +436,17 @@ def benchmark_memory(bench):
         peaks = []
         for count in counts:
             data_dir = bench.dataset(count, MEMORY_IMAGE_SIZE)
-            command = training_command(program, data_dir, bench.workspace / f"memory-{design}-{count}",
-                                       MEMORY_IMAGE_SIZE, fine_tune_epochs=0)
+            command = training_command(
+                program, data_dir, bench.workspace / f"memory-{design}-{count}", MEMORY_IMAGE_SIZE, fine_tune_epochs=0
+            )
             peaks.append(run_measured(command, bench.workspace / f"memory-{design}-{count}.log").peak_rss_mb)
             bench.record("memory", f"{design}, peak RSS, {count} images at {MEMORY_IMAGE_SIZE} px", peaks[-1], "MB")
         growth = peaks[1] / peaks[0]
         measurement = f"{design}, peak RSS {counts[1]} / {counts[0]} images"
         if design == "ours":
-            bench.record("memory", measurement, growth, "×", f"≤ {MEMORY_GROWTH_TARGET:g}",
-                         growth <= MEMORY_GROWTH_TARGET)
+            bench.record(
+                "memory", measurement, growth, "×", f"≤ {MEMORY_GROWTH_TARGET:g}", growth <= MEMORY_GROWTH_TARGET
+            )
         else:
             bench.record("memory", measurement, growth, "×")
 
@@ -397,13 +457,22 @@ def benchmark_wallclock(bench):
     runs = {design: [] for design in DESIGNS}
     for repeat in range(options.repeats):  # Alternating, so that a burst of load from elsewhere hits both designs.
         for design, program in DESIGNS.items():
-            command = training_command(program, data_dir, bench.workspace / f"wallclock-{design}-{repeat}",
-                                       options.image_size, fine_tune_epochs=1)
+            command = training_command(
+                program,
+                data_dir,
+                bench.workspace / f"wallclock-{design}-{repeat}",
+                options.image_size,
+                fine_tune_epochs=1,
+            )
             runs[design].append(run_measured(command, bench.workspace / f"wallclock-{design}-{repeat}.log"))
     best = {design: Run.best(design_runs) for design, design_runs in runs.items()}
     for design, run in best.items():
-        bench.record("wallclock", f"{design}, whole run, {options.images} images at {options.image_size} px",
-                     run.wall_seconds, "s")
+        bench.record(
+            "wallclock",
+            f"{design}, whole run, {options.images} images at {options.image_size} px",
+            run.wall_seconds,
+            "s",
+        )
         bench.record("wallclock", f"{design}, CPU time of that run", run.cpu_seconds, "s")
         bench.record("wallclock", f"{design}, peak RSS of that run", run.peak_rss_mb, "MB")
     ratio = best["ours"].wall_seconds / best["naive"].wall_seconds
@@ -438,9 +507,14 @@ def machine():
         "memory_gib": round(memory_kb / 2**20, 1),
         "platform": platform.platform(),
         "versions": {
-            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__, "opencv": cv2.__version__,
-            "scikit-learn": sklearn.__version__, "scipy": scipy.__version__,
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+            "opencv": cv2.__version__,
+            "scikit-learn": sklearn.__version__,
+            "scipy": scipy.__version__,
         },
     }
 
@@ -455,41 +529,64 @@ def verdict(result):
 
 
 def print_report(header, options, results):
-    print(f"{header['date']}  {header['cpu']}, {header['cores']} cores ({', '.join(header['cpu_flags'])}), "
-          f"{header['memory_gib']} GiB, {header['platform']}")
+    print(
+        f"{header['date']}  {header['cpu']}, {header['cores']} cores ({', '.join(header['cpu_flags'])}), "
+        f"{header['memory_gib']} GiB, {header['platform']}"
+    )
     print("  ".join(f"{name} {version}" for name, version in header["versions"].items()))
-    print(f"image size {options.image_size} px, N = {options.images} images, batch {options.batch_size}, "
-          f"{options.warmup_steps} warm-up + {options.steps} timed steps, dtype policy {options.dtype_policy}, "
-          f"best of {options.repeats}\n")
+    print(
+        f"image size {options.image_size} px, N = {options.images} images, batch {options.batch_size}, "
+        f"{options.warmup_steps} warm-up + {options.steps} timed steps, dtype policy {options.dtype_policy}, "
+        f"best of {options.repeats}\n"
+    )
     width = max(len(result.measurement) for result in results)
     print(f"{'section':<11} {'measurement':<{width}} {'value':>15}  {'target':<7} verdict")
     for result in results:
-        print(f"{result.section:<11} {result.measurement:<{width}} {format_value(result.value, result.unit):>15}  "
-              f"{result.target:<7} {verdict(result)}")
+        print(
+            f"{result.section:<11} {result.measurement:<{width}} {format_value(result.value, result.unit):>15}  "
+            f"{result.target:<7} {verdict(result)}"
+        )
 
 
 def parse_arguments(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--image-size", type=int, help="model input in pixels (default 224; 64 with --quick)")
-    parser.add_argument("--images", type=int,
-                        help="N: images for input, memory and wallclock (default 400; 128 with --quick)")
+    parser.add_argument(
+        "--images", type=int, help="N: images for input, memory and wallclock (default 400; 128 with --quick)"
+    )
     parser.add_argument("--steps", type=int, help="timed training or prediction steps (default 20; 4 with --quick)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=script.BATCH_SIZE, help="(default: %(default)s)")
-    parser.add_argument("--dtype-policy", default="float32", choices=("float32", "mixed_bfloat16"),
-                        help="Keras dtype policy of the model, predict and end-to-end sections; the subprocess "
-                             "runs use script.py's own --precision default (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="measure each training, prediction and wallclock figure this many times and keep "
-                             "the best (default: %(default)s; use 2 or 3 on a busy machine)")
-    parser.add_argument("--workspace", type=Path,
-                        help="keep the generated data and the runs' logs here (default: a temporary folder, deleted)")
+    parser.add_argument(
+        "--dtype-policy",
+        default="float32",
+        choices=("float32", "mixed_bfloat16"),
+        help="Keras dtype policy of the model, predict and end-to-end sections; the subprocess "
+        "runs use script.py's own --precision default (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure each training, prediction and wallclock figure this many times and keep "
+        "the best (default: %(default)s; use 2 or 3 on a busy machine)",
+    )
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        help="keep the generated data and the runs' logs here (default: a temporary folder, deleted)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: small images, few images and steps")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections out of {', '.join(SECTIONS)} (default: all)")
-    parser.add_argument("--json", type=Path, default=REPOSITORY / "benchmarks" / "results.json",
-                        help="(default: %(default)s)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections out of {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=REPOSITORY / "benchmarks" / "results.json", help="(default: %(default)s)"
+    )
     options = parser.parse_args(argv)
     options.image_size = options.image_size or (64 if options.quick else 224)
     options.images = options.images or (128 if options.quick else 400)
@@ -511,9 +608,11 @@ def main(argv=None):
         for name in options.only:
             BENCHMARKS[name](bench)
     print_report(header, options, bench.results)
-    report = {**header, "options": {key: str(value) if isinstance(value, Path) else value
-                                    for key, value in vars(options).items()},
-              "results": [asdict(result) for result in bench.results]}
+    report = {
+        **header,
+        "options": {key: str(value) if isinstance(value, Path) else value for key, value in vars(options).items()},
+        "results": [asdict(result) for result in bench.results],
+    }
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"\nwrote {options.json}")

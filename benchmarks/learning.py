@@ -34,18 +34,28 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 sys.path.insert(0, str(REPOSITORY / "tests"))
 
-import script  # noqa: E402  (first, so TensorFlow starts quietly; needs the path set up above)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.datasets import load_sample_images  # noqa: E402
-
 import synthetic  # noqa: E402
+from sklearn.datasets import load_sample_images  # noqa: E402
 from test_learning import LEARNING_RUN, MINIMUM_ACCURACY  # noqa: E402
 
+import script  # noqa: E402  (first, so TensorFlow starts quietly; needs the path set up above)
+
 DATASETS = ("squares", "sample", "photos")
-SAMPLE_RUN = ["--weights", "none", "--image-size", "64", "--epochs", "8", "--fine-tune-epochs", "2",
-              "--batch-size", "16"]  # The README's quick run.
+SAMPLE_RUN = [
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--epochs",
+    "8",
+    "--fine-tune-epochs",
+    "2",
+    "--batch-size",
+    "16",
+]  # The README's quick run.
 PHOTOS_RUN = ["--weights", "none", "--image-size", "64", "--epochs", "5", "--fine-tune-epochs", "3", "--seed", "1"]
 REAL_MRI = REPOSITORY.parent / "shared" / "real" / "sagittal_mri_png"
 RESULTS = REPOSITORY / "benchmarks" / "learning_results.json"
@@ -65,8 +75,9 @@ def write_photos(root, train_rows=380, test_rows=60, image_size=64, seed=1):
         height, width = source.shape[:2]
         side = int(rng.uniform(0.35, 0.7) * min(height, width))
         top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-        crop = cv2.resize(source[top : top + side, left : left + side], (image_size, image_size),
-                          interpolation=cv2.INTER_AREA)
+        crop = cv2.resize(
+            source[top : top + side, left : left + side], (image_size, image_size), interpolation=cv2.INTER_AREA
+        )
         split = "train" if index < train_rows else "test"
         path = f"images/{split}/photo_{index:04d}.png"
         (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +99,14 @@ def make_dataset(name, root):
         synthetic.make_squares_dataset(root, seed=0)
         return LEARNING_RUN, "tests/test_learning.py's check"
     if name == "sample":
-        synthetic.make_dataset(root, train_studies=synthetic.SAMPLE_TRAIN_STUDIES, test_studies=4,
-                               image_size=synthetic.SAMPLE_IMAGE_SIZE, seed=0, write_test_labels=True)
+        synthetic.make_dataset(
+            root,
+            train_studies=synthetic.SAMPLE_TRAIN_STUDIES,
+            test_studies=4,
+            image_size=synthetic.SAMPLE_IMAGE_SIZE,
+            seed=0,
+            write_test_labels=True,
+        )
         return SAMPLE_RUN, "the sample's generator, README quick run"
     third = write_photos(root)
     return PHOTOS_RUN, f"china / flower / {third}"
@@ -101,8 +118,14 @@ def flag(flags, name, default):
 
 def naive_flags(flags):
     """The same image size and epochs for the naive design (it has no other options)."""
-    return ["--image-size", flag(flags, "--image-size", "224"), "--epochs", flag(flags, "--epochs", "5"),
-            "--fine-tune-epochs", flag(flags, "--fine-tune-epochs", "3")]
+    return [
+        "--image-size",
+        flag(flags, "--image-size", "224"),
+        "--epochs",
+        flag(flags, "--epochs", "5"),
+        "--fine-tune-epochs",
+        flag(flags, "--fine-tune-epochs", "3"),
+    ]
 
 
 def test_figures(data_dir, submission_path):
@@ -134,36 +157,57 @@ def measure(name, work_dir):
     data_dir, ours_dir, naive_dir = work_dir / "data", work_dir / "ours", work_dir / "naive"
     flags, note = make_dataset(name, data_dir)
     print(f"{name}: {note}; script.py {' '.join(flags)}", file=sys.stderr, flush=True)
-    ours_seconds = run([sys.executable, "script.py", *flags, "--data-dir", str(data_dir), "--output-dir",
-                        str(ours_dir)], work_dir / "ours.log")
+    ours_seconds = run(
+        [sys.executable, "script.py", *flags, "--data-dir", str(data_dir), "--output-dir", str(ours_dir)],
+        work_dir / "ours.log",
+    )
     metrics = json.loads((ours_dir / "metrics.json").read_text())
     history = pd.read_csv(ours_dir / "history.csv")
     reached = history.index[history["val_accuracy"] >= MINIMUM_ACCURACY]
     ours = {
-        "seconds": ours_seconds, **test_figures(data_dir, ours_dir / "submission.csv"),
-        "validation_score": metrics["score"], "validation_best_constant_score": metrics["best_constant_score"],
+        "seconds": ours_seconds,
+        **test_figures(data_dir, ours_dir / "submission.csv"),
+        "validation_score": metrics["score"],
+        "validation_best_constant_score": metrics["best_constant_score"],
         "validation_accuracy": metrics["accuracy"],
         "epochs_to_validation_accuracy_bar": int(reached[0]) + 1 if len(reached) else None,
         "epochs": len(history),
     }
     print(f"{name}: naive design", file=sys.stderr, flush=True)
-    naive_seconds = run([sys.executable, "benchmarks/naive.py", *naive_flags(flags), "--data-dir", str(data_dir),
-                         "--output-dir", str(naive_dir)], work_dir / "naive.log")
+    naive_seconds = run(
+        [
+            sys.executable,
+            "benchmarks/naive.py",
+            *naive_flags(flags),
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(naive_dir),
+        ],
+        work_dir / "naive.log",
+    )
     naive = {"seconds": naive_seconds, **test_figures(data_dir, naive_dir / "submission.csv")}
     return {"dataset": name, "what": note, "flags": flags, "ours": ours, "naive": naive}
 
 
 def print_table(results):
-    print(f"\n{'dataset':<9}{'design':<8}{'test acc':>9}{'test score':>11}{'constant':>9}{'val score':>10}"
-          f"{'constant':>9}{'epochs to bar':>14}{'seconds':>9}")
+    print(
+        f"\n{'dataset':<9}{'design':<8}{'test acc':>9}{'test score':>11}{'constant':>9}{'val score':>10}"
+        f"{'constant':>9}{'epochs to bar':>14}{'seconds':>9}"
+    )
     for result in results:
         for design in ("ours", "naive"):
             figures = result[design]
-            validation = (f"{figures['validation_score']:>10.3f}{figures['validation_best_constant_score']:>9.3f}"
-                          f"{str(figures['epochs_to_validation_accuracy_bar']):>14}" if design == "ours"
-                          else f"{'':>10}{'':>9}{'':>14}")
-            print(f"{result['dataset']:<9}{design:<8}{figures['test_accuracy']:>9.3f}{figures['test_score']:>11.3f}"
-                  f"{figures['test_best_constant_score']:>9.3f}{validation}{figures['seconds']:>9.0f}")
+            validation = (
+                f"{figures['validation_score']:>10.3f}{figures['validation_best_constant_score']:>9.3f}"
+                f"{str(figures['epochs_to_validation_accuracy_bar']):>14}"
+                if design == "ours"
+                else f"{'':>10}{'':>9}{'':>14}"
+            )
+            print(
+                f"{result['dataset']:<9}{design:<8}{figures['test_accuracy']:>9.3f}{figures['test_score']:>11.3f}"
+                f"{figures['test_best_constant_score']:>9.3f}{validation}{figures['seconds']:>9.0f}"
+            )
     print(f"(epochs to bar: the first epoch whose validation accuracy reaches {MINIMUM_ACCURACY})")
 
 
@@ -180,11 +224,20 @@ def main(argv=None):
         for name in names:
             results.append(measure(name, Path(scratch) / name))
     print_table(results)
-    RESULTS.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count()},
-        "results": results,
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "machine": {
+                    "processor": platform.processor() or platform.machine(),
+                    "cpus": __import__("os").cpu_count(),
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
     return 0
 

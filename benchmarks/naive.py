@@ -73,8 +73,9 @@ def main(argv=None):
     if options.fine_tune_epochs > 0:
         script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
         script.compile_model(model, script.FINE_TUNE_LEARNING_RATE)
-        model.fit(batches, validation_data=(validation_images, validation_labels),
-                  epochs=options.fine_tune_epochs, verbose=2)
+        model.fit(
+            batches, validation_data=(validation_images, validation_labels), epochs=options.fine_tune_epochs, verbose=2
+        )
 
     test_images = load_images([str(options.data_dir / path) for path in test["image_path"]], options.image_size)
     probabilities = model.predict(test_images, batch_size=options.batch_size, verbose=0)

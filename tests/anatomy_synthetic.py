@@ -123,10 +123,42 @@ LABEL_NOISE_MM = (0.5, 1.5)
 DISCS = 7  # L5/S1 up to T11/T12; the lowest five are labelled (disc k is LEVELS[4 - k]).
 
 # Tissues and their intensities on T1 and T2 (arbitrary units; each study scales them a little).
-TISSUES = ("air", "fat", "muscle", "viscera", "marrow", "cortex", "annulus", "nucleus", "bone", "joint",
-           "ligament", "epidural_fat", "csf", "nerve", "foraminal_fat", "fibrosis")
-(AIR, FAT, MUSCLE, VISCERA, MARROW, CORTEX, ANNULUS, NUCLEUS, BONE, JOINT,
- LIGAMENT, EPIDURAL_FAT, CSF, NERVE, FORAMINAL_FAT, FIBROSIS) = range(len(TISSUES))
+TISSUES = (
+    "air",
+    "fat",
+    "muscle",
+    "viscera",
+    "marrow",
+    "cortex",
+    "annulus",
+    "nucleus",
+    "bone",
+    "joint",
+    "ligament",
+    "epidural_fat",
+    "csf",
+    "nerve",
+    "foraminal_fat",
+    "fibrosis",
+)
+(
+    AIR,
+    FAT,
+    MUSCLE,
+    VISCERA,
+    MARROW,
+    CORTEX,
+    ANNULUS,
+    NUCLEUS,
+    BONE,
+    JOINT,
+    LIGAMENT,
+    EPIDURAL_FAT,
+    CSF,
+    NERVE,
+    FORAMINAL_FAT,
+    FIBROSIS,
+) = range(len(TISSUES))
 T1_INTENSITY = (0, 920, 330, 480, 620, 90, 260, 330, 560, 300, 220, 880, 160, 300, 950, 200)
 T2_INTENSITY = (0, 520, 260, 430, 420, 70, 240, 820, 380, 650, 170, 450, 1000, 330, 480, 180)
 FATTY = (FAT, MARROW, EPIDURAL_FAT, FORAMINAL_FAT, BONE)  # Dimmed on STIR, which suppresses fat.
@@ -221,11 +253,14 @@ class Spine:
         """World (x, y, z) of spine coordinates (s, a, l)."""
         theta = self.theta0 + self.curvature * np.asarray(s, dtype=float)
         distance = self.radius - np.asarray(a, dtype=float)
-        return np.stack(np.broadcast_arrays(
-            self.x_mid + np.asarray(l, dtype=float),
-            self.centre[0] - distance * np.cos(theta),
-            self.centre[1] + distance * np.sin(theta),
-        ), axis=-1)
+        return np.stack(
+            np.broadcast_arrays(
+                self.x_mid + np.asarray(l, dtype=float),
+                self.centre[0] - distance * np.cos(theta),
+                self.centre[1] + distance * np.sin(theta),
+            ),
+            axis=-1,
+        )
 
     def local(self, x, y, z):
         """Spine coordinates (s, a, l) of world points."""
@@ -313,17 +348,20 @@ class Spine:
         tissue = np.where(in_sacrum & (lateral < 35) & (a >= 0) & (a < ap + 12), BONE, tissue)
 
         # Neural foramina: fat with a nerve root, shrunk by its grade with fibrous tissue around.
-        scale = self.effect(("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
-                            FORAMEN_SCALE)[nearest, side]
+        scale = self.effect(("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"), FORAMEN_SCALE)[
+            nearest, side
+        ]
         radius_s, radius_a, radius_l = self.foramen_radii
         along = s - self.foramen_centres()[nearest]
         across = a - self.foramen_depth
         out = lateral - self.foramen_lateral[nearest]
         foramen = spine_level & ((along / radius_s) ** 2 + (across / radius_a) ** 2 + (out / radius_l) ** 2 <= 1)
-        open_fat = ((along / (radius_s * scale)) ** 2 + (across / (radius_a * scale)) ** 2
-                    + (out / (radius_l * (0.4 + 0.6 * scale))) ** 2 <= 1)
-        root = (((along - 0.35 * radius_s) / 2.2) ** 2 + ((across + 0.15 * radius_a) / 2.2) ** 2
-                + (out / radius_l) ** 2 <= 1)
+        open_fat = (along / (radius_s * scale)) ** 2 + (across / (radius_a * scale)) ** 2 + (
+            out / (radius_l * (0.4 + 0.6 * scale))
+        ) ** 2 <= 1
+        root = ((along - 0.35 * radius_s) / 2.2) ** 2 + ((across + 0.15 * radius_a) / 2.2) ** 2 + (
+            out / radius_l
+        ) ** 2 <= 1
         tissue = np.where(foramen, np.where(root, NERVE, np.where(open_fat, FORAMINAL_FAT, FIBROSIS)), tissue)
 
         # The canal: epidural fat around the dural sac, whose lumen the canal grade pinches, and a
@@ -332,11 +370,11 @@ class Spine:
         recess_out, recess_back = lateral - self.recess_lateral, a - self.recess_depth
         canal = spine_level & (
             ((from_centre / (ap / 2 + 1.5)) ** 2 + (l / (canal_width + 1.0)) ** 2 <= 1)
-            | ((recess_out / 4.5) ** 2 + (recess_back / 3.5) ** 2 <= 1) & (a >= 0))
+            | ((recess_out / 4.5) ** 2 + (recess_back / 3.5) ** 2 <= 1) & (a >= 0)
+        )
         narrowing = self.effect(("spinal_canal_stenosis",), CANAL_NARROWING)[nearest, 0] * bump
         sac = (from_centre / (ap / 2)) ** 2 + (l / canal_width) ** 2 <= 1
-        lumen = ((from_centre / (ap / 2 * (1 - narrowing))) ** 2
-                 + (l / (canal_width * (1 - 0.3 * narrowing))) ** 2 <= 1)
+        lumen = (from_centre / (ap / 2 * (1 - narrowing))) ** 2 + (l / (canal_width * (1 - 0.3 * narrowing))) ** 2 <= 1
         recess = (recess_out / 3.5) ** 2 + (recess_back / 2.5) ** 2 <= 1
         recess_root = (recess_out - 1.0) ** 2 + (recess_back - 0.5) ** 2 <= 1.3**2
         thecal = s > -25.0  # The dural sac ends at about S2; below it the canal holds fat only.
@@ -346,11 +384,19 @@ class Spine:
         tissue = np.where(canal, canal_tissue, tissue)
         # Subarticular stenosis: a dark disc (facet and ligament hypertrophy) pushed into the recess
         # from behind and outside.
-        intrusion = self.effect(("left_subarticular_stenosis", "right_subarticular_stenosis"),
-                                RECESS_INTRUSION_MM)[nearest, side] * bump
+        intrusion = (
+            self.effect(("left_subarticular_stenosis", "right_subarticular_stenosis"), RECESS_INTRUSION_MM)[
+                nearest, side
+            ]
+            * bump
+        )
         # It stays medial of the foramen, so a foraminal crop does not show it.
-        hypertrophy = (spine_level & (a >= 0) & (lateral <= self.recess_lateral + 4.5)
-                       & ((recess_out - 4.0) ** 2 + (recess_back - 4.5) ** 2 <= intrusion**2))
+        hypertrophy = (
+            spine_level
+            & (a >= 0)
+            & (lateral <= self.recess_lateral + 4.5)
+            & ((recess_out - 4.0) ** 2 + (recess_back - 4.5) ** 2 <= intrusion**2)
+        )
         return np.where(hypertrophy, LIGAMENT, tissue)
 
     def signal(self, x, y, z, sequence):
@@ -380,15 +426,30 @@ def random_spine(rng):
     foramen_lateral = rng.uniform(max(15.0, canal_half_width + 4.5), 17.5) + lower
     foramen_radii = (rng.uniform(7.5, 9.0) * scale, 0.3 * canal_ap + 1.0, 5.0 * scale)
     body_depth = rng.uniform(30.0, 35.0) * scale
-    skin = (canal_ap + rng.uniform(55.0, 80.0), -body_depth - rng.uniform(90.0, 140.0), rng.uniform(130.0, 170.0),
-            rng.uniform(10.0, 20.0))
+    skin = (
+        canal_ap + rng.uniform(55.0, 80.0),
+        -body_depth - rng.uniform(90.0, 140.0),
+        rng.uniform(130.0, 170.0),
+        rng.uniform(10.0, 20.0),
+    )
     severities = rng.choice(len(SEVERITY_NAMES), size=(len(CONDITIONS), len(LEVELS)), p=SEVERITY_MIX)
     jitter = rng.uniform(size=(len(CONDITIONS), len(LEVELS)))
     return Spine(
-        x_mid=rng.uniform(-12.0, 12.0), centre=centre, radius=radius, theta0=theta0, edges=edges,
-        body_depth=body_depth, body_half_width=rng.uniform(21.0, 24.0) * scale, canal_ap=canal_ap,
-        canal_half_width=canal_half_width, recess_lateral=recess_lateral, foramen_lateral=foramen_lateral,
-        foramen_radii=foramen_radii, skin=skin, severities=severities, jitter=jitter,
+        x_mid=rng.uniform(-12.0, 12.0),
+        centre=centre,
+        radius=radius,
+        theta0=theta0,
+        edges=edges,
+        body_depth=body_depth,
+        body_half_width=rng.uniform(21.0, 24.0) * scale,
+        canal_ap=canal_ap,
+        canal_half_width=canal_half_width,
+        recess_lateral=recess_lateral,
+        foramen_lateral=foramen_lateral,
+        foramen_radii=foramen_radii,
+        skin=skin,
+        severities=severities,
+        jitter=jitter,
         t1=np.array(T1_INTENSITY, float) * rng.uniform(0.9, 1.1, len(TISSUES)),
         t2=np.array(T2_INTENSITY, float) * rng.uniform(0.9, 1.1, len(TISSUES)),
         stir=bool(rng.uniform() < 0.35),
@@ -468,8 +529,9 @@ def make_slices(series, centres, directions, first_instance, order_key):
         half = ((series.columns - 1) / 2 * series.spacing[1], (series.rows - 1) / 2 * series.spacing[0])
         corner = centre - half[0] * orientation[:3] - half[1] * orientation[3:]
         position_texts, position = decimal_strings(corner, 4)
-        series.slices.append(Slice(first_instance + int(rank[index]), position, orientation, position_texts,
-                                   orientation_texts))
+        series.slices.append(
+            Slice(first_instance + int(rank[index]), position, orientation, position_texts, orientation_texts)
+        )
     series.slices.sort(key=lambda slice_: slice_.instance_number)
 
 
@@ -501,11 +563,22 @@ def sagittal_series(spine, rng, plan, description, series_id, image_size):
     middle = (low + high) / 2 + rng.uniform(-1, 1, 2) * np.minimum(slack, 15.0)
     spacing_texts, spacing = decimal_strings(spacing, 6)
     ascending = plan[description]["order"] == "ascending"
-    series = Series(plan["study_id"], series_id, description, plan[description]["sequence"],
-                    plan[description]["order"], "contiguous", rows, columns, spacing, spacing_texts, slice_spacing,
-                    slice_thickness=plan["slice_thickness"][description],
-                    spacing_between_slices=plan["spacing_between_slices"][description],
-                    rle=plan[description].get("rle", False))
+    series = Series(
+        plan["study_id"],
+        series_id,
+        description,
+        plan[description]["sequence"],
+        plan[description]["order"],
+        "contiguous",
+        rows,
+        columns,
+        spacing,
+        spacing_texts,
+        slice_spacing,
+        slice_thickness=plan["slice_thickness"][description],
+        spacing_between_slices=plan["spacing_between_slices"][description],
+        rle=plan[description].get("rle", False),
+    )
     # The midline lies up to 1.5 slices off the stack's middle.
     stack_middle = spine.x_mid - rng.uniform(-1.5, 1.5) * slice_spacing
     step = -np.cross(r, c)  # The slice normal points to the patient's right; step left.
@@ -535,10 +608,22 @@ def axial_series(spine, rng, plan, series_id, levels, image_size):
         spacing = (spacing[0], float(column_spacing))
     spacing_texts, spacing = decimal_strings(spacing, 6)
     layout, order = plan[description]["layout"], plan[description]["order"]
-    series = Series(plan["study_id"], series_id, description, "T2", order, layout, rows, columns, spacing,
-                    spacing_texts, 0.0, levels=tuple(levels),
-                    slice_thickness=plan["slice_thickness"][description],
-                    spacing_between_slices=plan["spacing_between_slices"][description] and layout == "contiguous")
+    series = Series(
+        plan["study_id"],
+        series_id,
+        description,
+        "T2",
+        order,
+        layout,
+        rows,
+        columns,
+        spacing,
+        spacing_texts,
+        0.0,
+        levels=tuple(levels),
+        slice_thickness=plan["slice_thickness"][description],
+        spacing_between_slices=plan["spacing_between_slices"][description] and layout == "contiguous",
+    )
     discs = [len(LEVELS) - 1 - LEVELS.index(level) for level in levels]
     disc_s = spine.disc_centres[discs]
     side_shift = rng.uniform(-6.0, 6.0)
@@ -587,9 +672,11 @@ def study_plan(index, study_id, split):
         "missing": missing,
         SAGITTAL_T2: {"order": "ascending" if index % 2 == 0 else "descending"},
         SAGITTAL_T1: {"order": "ascending" if index % 2 == 1 else "descending", "rle": index % 3 == 2},
-        AXIAL_T2: {"order": "descending" if (index // 2) % 2 == 0 else "ascending",
-                   "layout": "per-level blocks" if index % 4 in (1, 2) else "contiguous",
-                   "series": 2 if index % 6 == 4 else 1},
+        AXIAL_T2: {
+            "order": "descending" if (index // 2) % 2 == 0 else "ascending",
+            "layout": "per-level blocks" if index % 4 in (1, 2) else "contiguous",
+            "series": 2 if index % 6 == 4 else 1,
+        },
         # The hidden test set lacks these tags, so only train series carry them, and not all.
         "slice_thickness": {name: train and (index + kind) % 3 != 0 for kind, name in enumerate(DESCRIPTIONS)},
         "spacing_between_slices": {name: train and (index + kind) % 2 == 0 for kind, name in enumerate(DESCRIPTIONS)},
@@ -605,15 +692,18 @@ def plan_series(spine, rng, plan, image_size):
         candidate = int(rng.integers(10**8, 4 * 10**9))
         if candidate not in series_ids:
             series_ids.append(candidate)
-    series = [sagittal_series(spine, rng, plan, SAGITTAL_T2, series_ids[0], image_size),
-              sagittal_series(spine, rng, plan, SAGITTAL_T1, series_ids[1], image_size)]
+    series = [
+        sagittal_series(spine, rng, plan, SAGITTAL_T2, series_ids[0], image_size),
+        sagittal_series(spine, rng, plan, SAGITTAL_T1, series_ids[1], image_size),
+    ]
     if plan[AXIAL_T2]["series"] == 1:
         groups = [LEVELS]
     else:
         split = int(rng.choice([2, 3]))
         groups = [LEVELS[:split], LEVELS[split:]]
-    series += [axial_series(spine, rng, plan, series_ids[2 + index], group, image_size)
-               for index, group in enumerate(groups)]
+    series += [
+        axial_series(spine, rng, plan, series_ids[2 + index], group, image_size) for index, group in enumerate(groups)
+    ]
     return [item for item in series if item.description != plan["missing"]]
 
 
@@ -624,8 +714,10 @@ def render_slice(spine, series, slice_, rng, bias):
     # Single precision is exact to well under a micrometre over the field of view, and twice as fast.
     step_right = slice_.orientation[:3] * series.spacing[1]  # World step from one column to the next.
     step_down = slice_.orientation[3:] * series.spacing[0]
-    x, y, z = (np.float32(origin) + np.float32(right) * columns + np.float32(down) * rows
-               for origin, right, down in zip(slice_.position, step_right, step_down))
+    x, y, z = (
+        np.float32(origin) + np.float32(right) * columns + np.float32(down) * rows
+        for origin, right, down in zip(slice_.position, step_right, step_down)
+    )
     image = spine.signal(x, y, z, series.sequence).astype(np.float32)
     image = cv2.GaussianBlur(image, (0, 0), 0.6)
     u, v = columns / series.columns * 2 - 1, rows / series.rows * 2 - 1
@@ -701,12 +793,20 @@ def label_rows(spine, series_list, study_id, rng, noise):
         for level in LEVELS:
             point = spine.label_point(condition, level)
             found = nearest_slice(candidates, point)
-            points.append({"study_id": study_id, "condition": condition, "level": level,
-                           "series_description": LABEL_SERIES[condition],
-                           "world_x": point[0], "world_y": point[1], "world_z": point[2],
-                           "series_id": found[0].series_id if found else None,
-                           "instance_number": found[1].instance_number if found else None,
-                           "distance_to_slice": abs(found[4]) if found else None})
+            points.append(
+                {
+                    "study_id": study_id,
+                    "condition": condition,
+                    "level": level,
+                    "series_description": LABEL_SERIES[condition],
+                    "world_x": point[0],
+                    "world_y": point[1],
+                    "world_z": point[2],
+                    "series_id": found[0].series_id if found else None,
+                    "instance_number": found[1].instance_number if found else None,
+                    "distance_to_slice": abs(found[4]) if found else None,
+                }
+            )
             if found is None:
                 continue
             series, slice_, x, y, _ = found
@@ -714,10 +814,17 @@ def label_rows(spine, series_list, study_id, rng, noise):
                 size, angle = rng.uniform(*LABEL_NOISE_MM), rng.uniform(0, 2 * math.pi)
                 x += size * math.cos(angle) / series.spacing[1]
                 y += size * math.sin(angle) / series.spacing[0]
-            coordinates.append({"study_id": study_id, "series_id": series.series_id,
-                                "instance_number": slice_.instance_number,
-                                "condition": condition.replace("_", " ").title(),
-                                "level": level.upper().replace("_", "/"), "x": round(x, 6), "y": round(y, 6)})
+            coordinates.append(
+                {
+                    "study_id": study_id,
+                    "series_id": series.series_id,
+                    "instance_number": slice_.instance_number,
+                    "condition": condition.replace("_", " ").title(),
+                    "level": level.upper().replace("_", "/"),
+                    "x": round(x, 6),
+                    "y": round(y, 6),
+                }
+            )
     return coordinates, points
 
 
@@ -744,17 +851,35 @@ def write_study(task):
     for series in series_list:
         write_series(images_dir, spine, series, rng)
     coordinates, points = label_rows(spine, series_list, study_id, rng, noise=split == "train")
-    series_rows = [{"split": split, "study_id": study_id, "series_id": series.series_id,
-                    "description": series.description, "order": series.order, "layout": series.layout,
-                    "slices": len(series.slices), "first_instance": series.slices[0].instance_number,
-                    "rows": series.rows, "columns": series.columns, "row_spacing": series.spacing[0],
-                    "column_spacing": series.spacing[1], "slice_spacing": round(series.slice_spacing, 4),
-                    "levels": " ".join(series.levels) if series.description == AXIAL_T2 else "",
-                    "transfer_syntax": "RLELossless" if series.rle else "ExplicitVRLittleEndian",
-                    "slice_thickness": series.slice_thickness} for series in series_list]
+    series_rows = [
+        {
+            "split": split,
+            "study_id": study_id,
+            "series_id": series.series_id,
+            "description": series.description,
+            "order": series.order,
+            "layout": series.layout,
+            "slices": len(series.slices),
+            "first_instance": series.slices[0].instance_number,
+            "rows": series.rows,
+            "columns": series.columns,
+            "row_spacing": series.spacing[0],
+            "column_spacing": series.spacing[1],
+            "slice_spacing": round(series.slice_spacing, 4),
+            "levels": " ".join(series.levels) if series.description == AXIAL_T2 else "",
+            "transfer_syntax": "RLELossless" if series.rle else "ExplicitVRLittleEndian",
+            "slice_thickness": series.slice_thickness,
+        }
+        for series in series_list
+    ]
     labels = {"study_id": study_id}
-    labels.update({f"{condition}_{level}": SEVERITY_NAMES[spine.severities[row, column]]
-                   for row, condition in enumerate(CONDITIONS) for column, level in enumerate(LEVELS)})
+    labels.update(
+        {
+            f"{condition}_{level}": SEVERITY_NAMES[spine.severities[row, column]]
+            for row, condition in enumerate(CONDITIONS)
+            for column, level in enumerate(LEVELS)
+        }
+    )
     return StudyResult(split, coordinates, points, series_rows, labels, spine)
 
 
@@ -798,8 +923,11 @@ def write_anatomical_competition(root, train_studies=12, test_studies=3, seed=0,
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; old files would mix with new ones")
     train_ids, test_ids = study_ids(seed, train_studies, test_studies)
-    tasks = [(root / f"{split}_images", split, seed, index, study_id, image_size)
-             for split, ids in (("train", train_ids), ("test", test_ids)) for index, study_id in enumerate(ids)]
+    tasks = [
+        (root / f"{split}_images", split, seed, index, study_id, image_size)
+        for split, ids in (("train", train_ids), ("test", test_ids))
+        for index, study_id in enumerate(ids)
+    ]
     if workers > 1:
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as executor:
             results = list(executor.map(write_study, tasks))
@@ -807,13 +935,17 @@ def write_anatomical_competition(root, train_studies=12, test_studies=3, seed=0,
         results = [write_study(task) for task in tasks]
 
     def table(split, rows_of, columns=None):
-        return pd.DataFrame([row for result in results if result.split == split for row in rows_of(result)],
-                            columns=columns)
+        return pd.DataFrame(
+            [row for result in results if result.split == split for row in rows_of(result)], columns=columns
+        )
 
-    coordinates = {split: table(split, lambda result: result.coordinates, COORDINATE_COLUMNS)
-                   for split in ("train", "test")}
-    labels = {split: table(split, lambda result: [result.labels], ["study_id", *WIDE_LABEL_COLUMNS])
-              for split in ("train", "test")}
+    coordinates = {
+        split: table(split, lambda result: result.coordinates, COORDINATE_COLUMNS) for split in ("train", "test")
+    }
+    labels = {
+        split: table(split, lambda result: [result.labels], ["study_id", *WIDE_LABEL_COLUMNS])
+        for split in ("train", "test")
+    }
     series = pd.DataFrame([row for result in results for row in result.series])
     points = pd.DataFrame([row for result in results for row in result.points])
     points.insert(0, "row_id", points["study_id"].astype(str) + "_" + points["condition"] + "_" + points["level"])
@@ -822,7 +954,8 @@ def write_anatomical_competition(root, train_studies=12, test_studies=3, seed=0,
         descriptions = series[series["split"] == split].sort_values(["study_id", "series_id"])
         descriptions = descriptions.rename(columns={"description": "series_description"})
         descriptions[["study_id", "series_id", "series_description"]].to_csv(
-            root / f"{split}_series_descriptions.csv", index=False)
+            root / f"{split}_series_descriptions.csv", index=False
+        )
     labels["train"].to_csv(root / "train.csv", index=False)
     coordinates["train"].to_csv(root / "train_label_coordinates.csv", index=False)
     row_ids = [f"{study_id}_{column}" for study_id in test_ids for column in WIDE_LABEL_COLUMNS]
@@ -831,8 +964,17 @@ def write_anatomical_competition(root, train_studies=12, test_studies=3, seed=0,
     (root / "_truth").mkdir()
     coordinates["test"].to_csv(root / "_truth" / "test_label_coordinates.csv", index=False)
     labels["test"].to_csv(root / "_truth" / "test_labels.csv", index=False)
-    return AnatomicalCompetition(root, train_ids, test_ids, coordinates["test"], labels["test"], labels["train"],
-                                 series, points, {result.labels["study_id"]: result.phantom for result in results})
+    return AnatomicalCompetition(
+        root,
+        train_ids,
+        test_ids,
+        coordinates["test"],
+        labels["test"],
+        labels["train"],
+        series,
+        points,
+        {result.labels["study_id"]: result.phantom for result in results},
+    )
 
 
 def main(argv=None):
@@ -845,10 +987,18 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Parallel processes.")
     arguments = parser.parse_args(argv)
     started = time.perf_counter()
-    competition = write_anatomical_competition(arguments.out, arguments.train_studies, arguments.test_studies,
-                                               arguments.seed, arguments.image_size, arguments.workers)
-    print(f"Wrote {len(competition.train_study_ids)} train and {len(competition.test_study_ids)} test studies "
-          f"({len(competition.series)} series) to {competition.root} in {time.perf_counter() - started:.0f} s.")
+    competition = write_anatomical_competition(
+        arguments.out,
+        arguments.train_studies,
+        arguments.test_studies,
+        arguments.seed,
+        arguments.image_size,
+        arguments.workers,
+    )
+    print(
+        f"Wrote {len(competition.train_study_ids)} train and {len(competition.test_study_ids)} test studies "
+        f"({len(competition.series)} series) to {competition.root} in {time.perf_counter() - started:.0f} s."
+    )
     return 0
 
 

@@ -12,26 +12,37 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 sys.path.insert(0, str(REPOSITORY / "tests"))
 
-import script  # noqa: E402
 import synthetic  # noqa: E402
+
+import script  # noqa: E402
 
 # Randomly initialised ResNet50 weights in a file. `--weights PATH` takes the pretrained path (the base frozen in
 # phase 1), whose steps cost a fraction of a from-scratch step, for the many tests that need a run but not
 # learning; tests of the from-scratch path (--weights none) use TINY_RUN or their own runs.
 RANDOM_WEIGHTS = Path(tempfile.gettempdir()) / f"rsna-tests-{os.getpid()}-random-resnet50.weights.h5"
 # The fastest run that still trains, validates and writes every artifact.
-QUICK_RUN = ["--weights", str(RANDOM_WEIGHTS), "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0",
-             "--batch-size", "16"]
+QUICK_RUN = [
+    "--weights",
+    str(RANDOM_WEIGHTS),
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--fine-tune-epochs",
+    "0",
+    "--batch-size",
+    "16",
+]
 # Small and fast, both phases, from scratch: 32-px inputs (from 64-px images), one epoch per phase.
-TINY_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "1",
-            "--batch-size", "16"]
+TINY_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "16"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def random_weights():
     """Write RANDOM_WEIGHTS once per session (ResNet50's weights do not depend on the input size)."""
     script.keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
-        RANDOM_WEIGHTS)
+        RANDOM_WEIGHTS
+    )
     yield RANDOM_WEIGHTS
     RANDOM_WEIGHTS.unlink(missing_ok=True)
 

@@ -3,12 +3,11 @@
 import subprocess
 import sys
 
+import anatomy_synthetic as A
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-
-import anatomy_synthetic as A
 from conftest import script as P
 
 # Six train studies hold every kind the generator cycles through (both orders, both axial
@@ -19,8 +18,9 @@ TRAIN_STUDIES, TEST_STUDIES, IMAGE_SIZE = 6, 2, 128
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory):
     """Six train and two test studies at 128 px; seed 3 draws every grade of every condition."""
-    return A.write_anatomical_competition(tmp_path_factory.mktemp("anatomy"), TRAIN_STUDIES, TEST_STUDIES, seed=3,
-                                          image_size=IMAGE_SIZE)
+    return A.write_anatomical_competition(
+        tmp_path_factory.mktemp("anatomy"), TRAIN_STUDIES, TEST_STUDIES, seed=3, image_size=IMAGE_SIZE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +99,30 @@ def test_labels_sit_on_their_series(competition):
     descriptions = pd.read_csv(competition.root / "train_series_descriptions.csv")
     merged = coordinates.merge(descriptions, on=["study_id", "series_id"])
     assert len(merged) == len(coordinates)
-    expected = {"Spinal Canal Stenosis": "Sagittal T2/STIR", "Left Neural Foraminal Narrowing": "Sagittal T1",
-                "Right Neural Foraminal Narrowing": "Sagittal T1", "Left Subarticular Stenosis": "Axial T2",
-                "Right Subarticular Stenosis": "Axial T2"}
+    expected = {
+        "Spinal Canal Stenosis": "Sagittal T2/STIR",
+        "Left Neural Foraminal Narrowing": "Sagittal T1",
+        "Right Neural Foraminal Narrowing": "Sagittal T1",
+        "Left Subarticular Stenosis": "Axial T2",
+        "Right Subarticular Stenosis": "Axial T2",
+    }
     assert (merged["condition"].map(expected) == merged["series_description"]).all()
 
 
 def test_dicom_tags(competition, headers):
-    required = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "InstanceNumber", "Rows", "Columns",
-                "SeriesDescription", "RescaleSlope", "RescaleIntercept", "SeriesInstanceUID", "SOPInstanceUID")
+    required = (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "SeriesDescription",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+    )
     for header in headers.values():
         assert all(name in header for name in required)
         assert header.PhotometricInterpretation == "MONOCHROME2"
@@ -128,8 +143,9 @@ def test_dicom_tags(competition, headers):
 def series_positions(headers, study_id, series_id):
     """(instance numbers, slice centres) of one series, by instance number."""
     keys = sorted(key for key in headers if key[:2] == (study_id, series_id))
-    centres = [pixel_to_world(headers[key], (headers[key].Columns - 1) / 2, (headers[key].Rows - 1) / 2)
-               for key in keys]
+    centres = [
+        pixel_to_world(headers[key], (headers[key].Columns - 1) / 2, (headers[key].Rows - 1) / 2) for key in keys
+    ]
     return [key[2] for key in keys], np.array(centres)
 
 
@@ -152,8 +168,11 @@ def test_instance_orders_layouts_and_missing_series(competition, headers):
     blocks = train[train["layout"] == "per-level blocks"]
     assert len(blocks) and (train["layout"] == "contiguous").any()
     for row in blocks.itertuples():
-        orientations = {tuple(header.ImageOrientationPatient) for key, header in headers.items()
-                        if key[:2] == (row.study_id, row.series_id)}
+        orientations = {
+            tuple(header.ImageOrientationPatient)
+            for key, header in headers.items()
+            if key[:2] == (row.study_id, row.series_id)
+        }
         assert len(orientations) >= 2
     axial_counts = train[train["description"] == "Axial T2"].groupby("study_id").size()
     assert axial_counts.max() == 2
@@ -163,8 +182,11 @@ def test_instance_orders_layouts_and_missing_series(competition, headers):
     coordinates = pd.read_csv(competition.root / "train_label_coordinates.csv")
     for study_id in lacking:
         present = set(train.loc[train["study_id"] == study_id, "description"])
-        labelled = set(coordinates.loc[coordinates["study_id"] == study_id, "condition"].map(
-            lambda name: A.LABEL_SERIES[name.lower().replace(" ", "_")]))
+        labelled = set(
+            coordinates.loc[coordinates["study_id"] == study_id, "condition"].map(
+                lambda name: A.LABEL_SERIES[name.lower().replace(" ", "_")]
+            )
+        )
         assert labelled == present
 
 
@@ -189,8 +211,9 @@ def test_truth_points_match_the_phantom(competition, headers):
         # The labelled instance is the one nearest the point along the slice normal, among all
         # slices of that kind in the study, not merely the middle instance number.
         kind = header.SeriesDescription
-        candidates = [key for key, other in headers.items()
-                      if key[0] == row.study_id and other.SeriesDescription == kind]
+        candidates = [
+            key for key, other in headers.items() if key[0] == row.study_id and other.SeriesDescription == kind
+        ]
         distances = {key: abs((truth - geometry(headers[key])[0]) @ geometry(headers[key])[3]) for key in candidates}
         assert min(distances, key=distances.get) == (row.study_id, row.series_id, row.instance_number)
 
@@ -212,8 +235,12 @@ def test_images_agree_with_their_tags(competition, headers):
         expected = phantom.signal(world[..., 0], world[..., 1], world[..., 2], sequence)
         assert np.corrcoef(expected.ravel(), pixels.ravel())[0, 1] > 0.9
         # Transposed or mirrored tags would not match.
-        assert np.corrcoef(expected.T.ravel() if expected.shape[0] == expected.shape[1] else expected[::-1].ravel(),
-                           pixels.ravel())[0, 1] < 0.8
+        assert (
+            np.corrcoef(
+                expected.T.ravel() if expected.shape[0] == expected.shape[1] else expected[::-1].ravel(), pixels.ravel()
+            )[0, 1]
+            < 0.8
+        )
 
 
 CROP_GRID = np.meshgrid(np.linspace(-24, 24, 97), np.linspace(-24, 24, 97))  # 48 mm at 0.5 mm.
@@ -244,8 +271,11 @@ def test_severity_changes_only_its_own_level_and_side(competition, condition):
     for grade in range(3):
         severities = normal.copy()
         severities[row, 2] = grade  # L3/L4.
-        changes = [crop_signal(phantom, condition, level, sequence, severities)
-                   != crop_signal(phantom, condition, level, sequence, normal) for level in P.LEVELS]
+        changes = [
+            crop_signal(phantom, condition, level, sequence, severities)
+            != crop_signal(phantom, condition, level, sequence, normal)
+            for level in P.LEVELS
+        ]
         changed.append([change.mean() for change in changes])
         # The middle of every other level's crop is untouched; only a corner may reach this disc.
         assert not any(change[central].any() for index, change in enumerate(changes) if index != 2)
@@ -260,8 +290,10 @@ def test_severity_changes_only_its_own_level_and_side(competition, condition):
         severities = normal.copy()
         severities[row, 2] = 2
         around = CROP_GRID[0] ** 2 + CROP_GRID[1] ** 2 <= 4.0**2
-        assert np.array_equal(crop_signal(phantom, other, "l3_l4", sequence, severities)[around],
-                              crop_signal(phantom, other, "l3_l4", sequence, normal)[around])
+        assert np.array_equal(
+            crop_signal(phantom, other, "l3_l4", sequence, severities)[around],
+            crop_signal(phantom, other, "l3_l4", sequence, normal)[around],
+        )
 
 
 def test_severity_darkens_the_written_point(competition):
@@ -287,9 +319,26 @@ def test_same_arguments_same_bytes(tmp_path):
     """The API and the command line, serial and in parallel, write the same files for the same arguments."""
     first = A.write_anatomical_competition(tmp_path / "first", 2, 1, seed=5, image_size=48)
     # A fresh process, as a command-line user runs it.
-    subprocess.run([sys.executable, A.__file__, "--out", str(tmp_path / "second"), "--train-studies", "2",
-                    "--test-studies", "1", "--seed", "5", "--image-size", "48", "--workers", "2"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            A.__file__,
+            "--out",
+            str(tmp_path / "second"),
+            "--train-studies",
+            "2",
+            "--test-studies",
+            "1",
+            "--seed",
+            "5",
+            "--image-size",
+            "48",
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+    )
     files = sorted(path.relative_to(first.root) for path in first.root.rglob("*") if path.is_file())
     second = tmp_path / "second"
     assert len(files) > 100

@@ -4,7 +4,6 @@ match ImageDataGenerator's own apply_transform for the same random parameters.""
 import cv2
 import numpy as np
 import pytest
-
 from conftest import script
 
 # Per image, on the 0-255 scale, over every pixel and channel (nothing excluded).
@@ -18,8 +17,18 @@ MAXIMUM_TOLERANCE = 1.5
 RANDOM_DRAWS = 100
 
 # Parameters that leave an image unchanged, in get_random_transform's layout.
-IDENTITY = dict(theta=0.0, tx=0.0, ty=0.0, shear=0.0, zx=1.0, zy=1.0, flip_horizontal=False,
-                flip_vertical=False, channel_shift_intensity=None, brightness=None)
+IDENTITY = dict(
+    theta=0.0,
+    tx=0.0,
+    ty=0.0,
+    shear=0.0,
+    zx=1.0,
+    zy=1.0,
+    flip_horizontal=False,
+    flip_vertical=False,
+    channel_shift_intensity=None,
+    brightness=None,
+)
 
 # The legacy ImageDataGenerator path calls the deprecated scipy.ndimage.interpolation module.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -44,7 +53,7 @@ def noise_image(size):
 
 
 def keras_transform(image, parameters):
-    return script.image_data_generator.apply_transform(image, parameters)
+    return script.augmentation_generator().apply_transform(image, parameters)
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (48, 80), (80, 48)])
@@ -73,8 +82,11 @@ def shifted_columns(image, pixels):
         pytest.param({"flip_horizontal": True}, lambda image: image[:, ::-1], id="horizontal flip"),
         pytest.param({"theta": 90.0}, lambda image: np.rot90(image, 1), id="rotation by 90 degrees"),
         pytest.param({"theta": 180.0}, lambda image: image[::-1, ::-1], id="rotation by 180 degrees"),
-        pytest.param({"theta": 90.0, "flip_horizontal": True}, lambda image: np.rot90(image, 1)[:, ::-1],
-                     id="rotation, then flip"),
+        pytest.param(
+            {"theta": 90.0, "flip_horizontal": True},
+            lambda image: np.rot90(image, 1)[:, ::-1],
+            id="rotation, then flip",
+        ),
         # Keras' tx, although drawn from height_shift_range, moves columns.
         pytest.param({"tx": 3.0}, lambda image: shifted_columns(image, 3), id="shift by whole pixels"),
     ],
@@ -163,3 +175,40 @@ def test_undecodable_image_raises_an_input_error_naming_it(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
     with pytest.raises(script.InputError, match="broken.png"):
         script.read_image(str(path), 32)
+
+
+# --------------------------------------------------------------------------------------- the settings
+
+
+def test_fill_mode_changes_the_filled_border():
+    """fill_mode is honoured: "constant" fills what a shift uncovers with cval, "nearest" repeats the edge."""
+    image = np.full((16, 16), 200, np.uint8)
+    parameters = {**IDENTITY, "tx": 4.0}
+    nearest = script.apply_transform(image, parameters, {"fill_mode": "nearest"})
+    constant = script.apply_transform(image, parameters, {"fill_mode": "constant", "cval": 10})
+    assert (nearest == 200).all()
+    assert (constant[:, -4:] == 10).all() and (constant[:, :8] == 200).all()
+
+
+def test_vertical_flip_is_honoured():
+    image = noise_image(8)
+    flipped = script.apply_transform(image, {**IDENTITY, "flip_vertical": True})
+    np.testing.assert_allclose(flipped, image[::-1], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        pytest.param({"brightness_range": (0.5, 1.5)}, "brightness_range", id="unknown key"),
+        pytest.param({"fill_mode": "mirror"}, "'mirror'", id="unknown fill_mode"),
+    ],
+)
+def test_augmentation_that_would_be_ignored_is_refused_by_name(edit, named, tmp_path, monkeypatch, capsys):
+    """A setting apply_transform would not honour stops the run before anything is written, naming it."""
+    for key, value in edit.items():
+        monkeypatch.setitem(script.AUGMENTATION, key, value)
+    output_dir = tmp_path / "output"
+    exit_code = script.main(["--weights", "none", "--data-dir", str(tmp_path), "--output-dir", str(output_dir)])
+    message = capsys.readouterr().err
+    assert exit_code == 2 and "AUGMENTATION" in message and named in message
+    assert not output_dir.exists()

@@ -19,11 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-
 import synthetic
 from conftest import QUICK_RUN, script
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 ACCEPT, REJECT, EITHER = "accept", "reject", "either"
 REQUIRED_COLUMNS = {"train.csv": script.TRAIN_COLUMNS, "test.csv": script.TEST_COLUMNS}
@@ -91,8 +90,9 @@ def extra_column(corruption, table):
     """An unexpected column, of any name and content, anywhere: the script reads columns by name."""
     position, name, value = corruption.detail
     cells = [name] + [value] * (len(table) - 1)
-    return Damaged(encode([row[:position] + [cell] + row[position:] for row, cell in zip(table, cells)]),
-                   ACCEPT, row_ids(table))
+    return Damaged(
+        encode([row[:position] + [cell] + row[position:] for row, cell in zip(table, cells)]), ACCEPT, row_ids(table)
+    )
 
 
 def duplicate_column(corruption, table):
@@ -200,11 +200,28 @@ def broken_image_path(corruption, table):
     return Damaged(encode(table), REJECT)
 
 
-DAMAGES = {function.__name__: function for function in (
-    missing_column, extra_column, duplicate_column, trailing_delimiter, label_value, byte_order_mark,
-    header_whitespace, empty_file, header_only, foreign_encoding, random_bytes, quoted_row_id, blank_lines,
-    few_rows, mixed_row_ids, duplicate_row, broken_image_path,
-)}
+DAMAGES = {
+    function.__name__: function
+    for function in (
+        missing_column,
+        extra_column,
+        duplicate_column,
+        trailing_delimiter,
+        label_value,
+        byte_order_mark,
+        header_whitespace,
+        empty_file,
+        header_only,
+        foreign_encoding,
+        random_bytes,
+        quoted_row_id,
+        blank_lines,
+        few_rows,
+        mixed_row_ids,
+        duplicate_row,
+        broken_image_path,
+    )
+}
 
 # Label cells that are not 0 or 1. Floats within rounding of 0 or 1 are left out: whether "1e-400" counts as 0
 # is the float parser's business, not the script's.
@@ -223,7 +240,7 @@ def corruptions_of(file_name):
     """Every kind of damage that applies to one table, with hypothesis drawing the details."""
     columns = REQUIRED_COLUMNS[file_name]
 
-    def damage(kind, details=st.none()):
+    def damage(kind, details=st.none()):  # noqa: B008  (a strategy: immutable, shared on purpose)
         return st.builds(Corruption, st.just(kind), st.just(file_name), details)
 
     extra_names = st.text(max_size=8).filter(lambda name: name.strip() not in columns)
@@ -239,8 +256,13 @@ def corruptions_of(file_name):
         damage("foreign_encoding", st.sampled_from(["latin-1", "cp1252", "utf-16"])),
         damage("random_bytes", st.binary(min_size=1, max_size=8)),
         damage("quoted_row_id", st.text(max_size=8)),
-        damage("blank_lines", st.tuples(st.lists(st.integers(0, TRAIN_ROWS + 1), min_size=1, max_size=3),
-                                        st.sampled_from(["", " ", "\t", " \t "]))),
+        damage(
+            "blank_lines",
+            st.tuples(
+                st.lists(st.integers(0, TRAIN_ROWS + 1), min_size=1, max_size=3),
+                st.sampled_from(["", " ", "\t", " \t "]),
+            ),
+        ),
         damage("mixed_row_ids"),
         damage("duplicate_row"),
         damage("broken_image_path", st.sampled_from(sorted(BROKEN_IMAGE_PATHS))),
@@ -271,8 +293,9 @@ class ValidDataset:
 def valid_dataset(tmp_path_factory):
     """A small valid dataset on disk: TRAIN_ROWS and TEST_ROWS rows of 32-px images."""
     root = tmp_path_factory.mktemp("valid_dataset")
-    synthetic.make_dataset(root, train_rows=TRAIN_ROWS, test_rows=TEST_ROWS, image_size=32, plain_row_ids=True,
-                           class_mix=(1, 1, 1))
+    synthetic.make_dataset(
+        root, train_rows=TRAIN_ROWS, test_rows=TEST_ROWS, image_size=32, plain_row_ids=True, class_mix=(1, 1, 1)
+    )
     (root / BROKEN_IMAGE_PATHS["zero_bytes"]).touch()
     tables = {}
     for file_name in REQUIRED_COLUMNS:
@@ -298,8 +321,13 @@ def run_until_training(data_dir, output_dir):
 # The function-scoped fixtures are meant to span all examples: one stand-in for training, one capture.
 # The few_rows damage leaves classes smaller than the folds on purpose, which scikit-learn warns about.
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(corruption=st.one_of(corruptions_of("train.csv"), corruptions_of("test.csv")))
 @example(Corruption("missing_column", "train.csv", "severe"))
 @example(Corruption("missing_column", "test.csv", "image_path"))
@@ -323,7 +351,7 @@ def run_until_training(data_dir, output_dir):
 @example(Corruption("foreign_encoding", "train.csv", "latin-1"))
 @example(Corruption("foreign_encoding", "test.csv", "utf-16"))
 @example(Corruption("random_bytes", "train.csv", b"\xff\xfe\x00\x80"))
-@example(Corruption("random_bytes", "test.csv", "é \" ,".encode()))
+@example(Corruption("random_bytes", "test.csv", 'é " ,'.encode()))
 @example(Corruption("quoted_row_id", "train.csv", 'a, "b"'))
 @example(Corruption("quoted_row_id", "test.csv", 'say "hi", then, leave'))
 @example(Corruption("blank_lines", "train.csv", ((0, 2, 99), "")))
@@ -369,8 +397,21 @@ def test_malformed_csv_is_accepted_or_refused_cleanly(valid_dataset, training_st
 
 # Row ids a careless reader would split, strip, renumber or turn into numbers, booleans or missing values.
 ODD_ROW_IDS = (
-    "a,b", 'say "hi"', '"quoted"', "with space", " padded ", "ünïcødé ✓ 脊椎", "007", "NA", "null",
-    "1e5", "True", "None", "nan", "-0", "1,000",
+    "a,b",
+    'say "hi"',
+    '"quoted"',
+    "with space",
+    " padded ",
+    "ünïcødé ✓ 脊椎",
+    "007",
+    "NA",
+    "null",
+    "1e5",
+    "True",
+    "None",
+    "nan",
+    "-0",
+    "1,000",
 )
 # Pixel formats, sizes and file names the reader must cope with, each made from an 8-bit gray picture.
 ODD_IMAGES = {

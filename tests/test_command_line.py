@@ -4,7 +4,6 @@ and in a notebook the kernel's own arguments are ignored instead of refused."""
 from pathlib import Path
 
 import pytest
-
 from conftest import script
 
 KERNEL_ARGUMENTS = ["-f", "/root/.local/share/jupyter/runtime/kernel-1234.json"]

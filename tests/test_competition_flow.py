@@ -6,11 +6,10 @@ commands then check, and one given the competition folder directly, which prepar
 
 import json
 
+import dicom_synthetic
 import numpy as np
 import pandas as pd
 import pytest
-
-import dicom_synthetic
 from conftest import QUICK_RUN, script
 from synthetic import ROWS_PER_STUDY
 
@@ -89,8 +88,15 @@ def test_prepare_writes_the_seed_layout(competition, prepared):
 def test_predict_reproduces_the_training_submission(prepared, trained, tmp_path):
     """predict with the saved model rewrites the run's submission.csv, and the test rows without a crop get
     the best constants of the run's config.json."""
-    predict = ["predict", "--model", str(trained / "model.keras"), "--data-dir", str(prepared),
-               "--output-dir", str(tmp_path)]
+    predict = [
+        "predict",
+        "--model",
+        str(trained / "model.keras"),
+        "--data-dir",
+        str(prepared),
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert script.main(predict) == 0
     original, again = read_csv(trained / "submission.csv"), read_csv(tmp_path / "submission.csv")
     assert again["row_id"].tolist() == original["row_id"].tolist()

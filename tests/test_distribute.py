@@ -17,15 +17,24 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
-
-from conftest import RANDOM_WEIGHTS, REPOSITORY, script
 import synthetic
+import tensorflow as tf
+from conftest import RANDOM_WEIGHTS, REPOSITORY, script
 
 BATCH_SIZE = 8
 # The smallest run that still trains, validates and predicts: phase 1 only, 32-px images, random weights.
-SMALL_RUN = ["--weights", str(RANDOM_WEIGHTS), "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0",
-             "--batch-size", str(BATCH_SIZE)]
+SMALL_RUN = [
+    "--weights",
+    str(RANDOM_WEIGHTS),
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--fine-tune-epochs",
+    "0",
+    "--batch-size",
+    str(BATCH_SIZE),
+]
 RUN_TIMEOUT_SECONDS = 300  # Far above a normal run: a run that takes longer is hung, waiting on a collective op.
 
 # Logical devices must be configured before TensorFlow initialises, so this runs in a fresh interpreter as
@@ -42,7 +51,9 @@ sys.exit(script.main(sys.argv[2:]))
 
 TWO_WORKERS = {"worker": ["host0:2222", "host1:2222"]}
 CHIEF_AND_TWO_WORKERS = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"]}
-NO_GPU = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="checks the choice on a CPU-only machine")
+NO_GPU = pytest.mark.skipif(
+    bool(tf.config.list_physical_devices("GPU")), reason="checks the choice on a CPU-only machine"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +70,9 @@ def data_dir(tmp_path_factory):
 def start_process(command, log_path, environment=None):
     """Start a command with stdout and stderr going to files, so that a chatty process never blocks on a pipe."""
     with open(log_path.with_suffix(".out"), "w") as stdout, open(log_path.with_suffix(".err"), "w") as stderr:
-        process = subprocess.Popen(command, cwd=REPOSITORY, stdout=stdout, stderr=stderr,
-                                   env={**os.environ, **(environment or {})})
+        process = subprocess.Popen(
+            command, cwd=REPOSITORY, stdout=stdout, stderr=stderr, env={**os.environ, **(environment or {})}
+        )
     process.log_path = log_path
     return process
 
@@ -83,11 +95,15 @@ def run_together(processes):
         if process not in finished_at:
             process.kill()
             process.wait()
-    return [SimpleNamespace(exit_code=process.returncode if process in finished_at else None,
-                            finished_at=finished_at.get(process),
-                            stdout=process.log_path.with_suffix(".out").read_text(),
-                            stderr=process.log_path.with_suffix(".err").read_text())
-            for process in processes]
+    return [
+        SimpleNamespace(
+            exit_code=process.returncode if process in finished_at else None,
+            finished_at=finished_at.get(process),
+            stdout=process.log_path.with_suffix(".out").read_text(),
+            stderr=process.log_path.with_suffix(".err").read_text(),
+        )
+        for process in processes
+    ]
 
 
 def require_success(run):
@@ -121,7 +137,8 @@ def assert_global_batch(stdout, strategy_name, replicas):
     steps = math.ceil(training_rows / global_batch)
     # Keras logs each epoch as one line, "STEPS/STEPS - ...", when stdout is not a terminal.
     assert re.search(rf"^{steps}/{steps} - ", stdout, re.MULTILINE), (
-        f"expected {steps} steps of {global_batch} images in the epoch:\n{stdout}")
+        f"expected {steps} steps of {global_batch} images in the epoch:\n{stdout}"
+    )
 
 
 def written_paths(stdout):
@@ -148,8 +165,19 @@ def test_mirrored_strategy_on_two_logical_cpus_doubles_the_global_batch(data_dir
     """--strategy mirrored spreads every step over both CPU devices, each taking --batch-size images, and the
     run still ends with a valid submission."""
     output_dir = tmp_path / "output"
-    command = [sys.executable, "-c", TWO_CPU_DEVICES_DRIVER, str(REPOSITORY), *SMALL_RUN, "--strategy", "mirrored",
-               "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
+    command = [
+        sys.executable,
+        "-c",
+        TWO_CPU_DEVICES_DRIVER,
+        str(REPOSITORY),
+        *SMALL_RUN,
+        "--strategy",
+        "mirrored",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(output_dir),
+    ]
     [run] = run_together([start_process(command, tmp_path / "mirrored")])
     require_success(run)
     assert_global_batch(run.stdout, "MirroredStrategy", replicas=2)
@@ -168,13 +196,26 @@ def two_workers(data_dir, tmp_path_factory):
     scratch_root = root / "scratch"
     scratch_root.mkdir()
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    command = [sys.executable, "script.py", *SMALL_RUN, "--strategy", "auto",
-               "--data-dir", str(data_dir), "--output-dir", str(root / "output")]
+    command = [
+        sys.executable,
+        "script.py",
+        *SMALL_RUN,
+        "--strategy",
+        "auto",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(root / "output"),
+    ]
     processes = [
-        start_process(command, root / f"worker{index}", {
-            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            "TMPDIR": str(scratch_root),
-        })
+        start_process(
+            command,
+            root / f"worker{index}",
+            {
+                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                "TMPDIR": str(scratch_root),
+            },
+        )
         for index in range(2)
     ]
     chief, worker = run_together(processes)
@@ -225,18 +266,20 @@ def restore_float32_policy():
 
 
 @NO_GPU
-@pytest.mark.parametrize("precision, policy", [("auto", "float32"), ("float32", "float32"), ("mixed", "mixed_bfloat16")])
+@pytest.mark.parametrize(
+    "precision, policy", [("auto", "float32"), ("float32", "float32"), ("mixed", "mixed_bfloat16")]
+)
 def test_precision_choice_without_a_gpu(precision, policy, restore_float32_policy):
     """Without a GPU, auto keeps float32 (mixed precision does not pay on the CPU) and mixed means bfloat16."""
     keras.mixed_precision.set_global_policy("mixed_float16")  # So that every choice has to change the policy.
-    assert script.choose_precision(precision, tf.distribute.get_strategy()) == policy
+    assert script.choose_precision(precision) == policy
     assert keras.mixed_precision.global_policy().name == policy
 
 
 def test_mixed_bfloat16_trains_a_step_and_keeps_the_output_float32(restore_float32_policy):
     """Under --precision mixed on the CPU, the network computes in bfloat16 and a training step gives a finite
     loss, while the softmax layer computes, and returns, float32 probabilities."""
-    script.choose_precision("mixed", tf.distribute.get_strategy())
+    script.choose_precision("mixed")
     model = script.build_model(32, None, from_scratch=False)
     script.compile_model(model, script.LEARNING_RATE)
     images = np.random.default_rng(0).uniform(-120, 150, (4, 32, 32, 3)).astype(np.float32)
@@ -252,20 +295,27 @@ def test_mixed_bfloat16_trains_a_step_and_keeps_the_output_float32(restore_float
 # ------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("strategy, tf_config, fragments", [
-    ("tpu", None, ["--strategy tpu", "TPU", "Python"]),
-    ("multiworker", None, ["--strategy multiworker", "TF_CONFIG"]),
-    ("auto", "not JSON", ["TF_CONFIG"]),
-], ids=["tpu", "multiworker-without-TF_CONFIG", "malformed-TF_CONFIG"])
-def test_strategies_that_cannot_run_are_refused(data_dir, tmp_path, monkeypatch, capsys, strategy, tf_config, fragments):
+@pytest.mark.parametrize(
+    "strategy, tf_config, fragments",
+    [
+        ("tpu", None, ["--strategy tpu", "TPU", "Python"]),
+        ("multiworker", None, ["--strategy multiworker", "TF_CONFIG"]),
+        ("auto", "not JSON", ["TF_CONFIG"]),
+    ],
+    ids=["tpu", "multiworker-without-TF_CONFIG", "malformed-TF_CONFIG"],
+)
+def test_strategies_that_cannot_run_are_refused(
+    data_dir, tmp_path, monkeypatch, capsys, strategy, tf_config, fragments
+):
     """A strategy that cannot run is refused before training: exit code 2, a message saying why, nothing written."""
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
     output_dir = tmp_path / "output"
-    exit_code = script.main([*SMALL_RUN, "--strategy", strategy, "--data-dir", str(data_dir),
-                             "--output-dir", str(output_dir)])
+    exit_code = script.main(
+        [*SMALL_RUN, "--strategy", strategy, "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
+    )
     message = capsys.readouterr().err
     assert exit_code == 2
     for fragment in fragments:
@@ -279,31 +329,52 @@ def test_strategies_that_cannot_run_are_refused(data_dir, tmp_path, monkeypatch,
 def strategy_in(cluster, task_type=None, task_id=None):
     """A stand-in for a strategy: a real cluster resolver for `cluster`, or none for a single-process strategy
     (cluster None)."""
-    resolver = None if cluster is None else tf.distribute.cluster_resolver.SimpleClusterResolver(
-        tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+    resolver = (
+        None
+        if cluster is None
+        else tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id
+        )
+    )
     return SimpleNamespace(cluster_resolver=resolver)
 
 
-@pytest.mark.parametrize("strategy, chief", [
-    (strategy_in(None), True),
-    (strategy_in({}), True),
-    (strategy_in(TWO_WORKERS, "worker", 0), True),
-    (strategy_in(TWO_WORKERS, "worker", 1), False),
-    (strategy_in(CHIEF_AND_TWO_WORKERS, "chief", 0), True),
-    (strategy_in(CHIEF_AND_TWO_WORKERS, "worker", 0), False),
-    (strategy_in(CHIEF_AND_TWO_WORKERS, "worker", 1), False),
-], ids=["one-process", "no-cluster", "worker0", "worker1", "chief-job", "worker0-beside-a-chief", "worker1-beside-a-chief"])
+@pytest.mark.parametrize(
+    "strategy, chief",
+    [
+        (strategy_in(None), True),
+        (strategy_in({}), True),
+        (strategy_in(TWO_WORKERS, "worker", 0), True),
+        (strategy_in(TWO_WORKERS, "worker", 1), False),
+        (strategy_in(CHIEF_AND_TWO_WORKERS, "chief", 0), True),
+        (strategy_in(CHIEF_AND_TWO_WORKERS, "worker", 0), False),
+        (strategy_in(CHIEF_AND_TWO_WORKERS, "worker", 1), False),
+    ],
+    ids=[
+        "one-process",
+        "no-cluster",
+        "worker0",
+        "worker1",
+        "chief-job",
+        "worker0-beside-a-chief",
+        "worker1-beside-a-chief",
+    ],
+)
 def test_is_chief(strategy, chief):
     """Exactly one process of a cluster writes: the task called chief, else worker 0; a lone process always does."""
     assert script.is_chief(strategy) is chief
 
 
-@pytest.mark.parametrize("strategy, workers", [
-    (strategy_in(None), 1),
-    (strategy_in({}), 1),
-    (strategy_in(TWO_WORKERS, "worker", 1), 2),
-    (strategy_in(CHIEF_AND_TWO_WORKERS, "chief", 0), 3),
-], ids=["one-process", "no-cluster", "two-workers", "chief-and-two-workers"])
+@pytest.mark.parametrize(
+    "strategy, workers",
+    [
+        (strategy_in(None), 1),
+        (strategy_in({}), 1),
+        (strategy_in(TWO_WORKERS, "worker", 1), 2),
+        (strategy_in(CHIEF_AND_TWO_WORKERS, "chief", 0), 3),
+    ],
+    ids=["one-process", "no-cluster", "two-workers", "chief-and-two-workers"],
+)
 def test_worker_count(strategy, workers):
     """The processes that train together: the chief and the workers of a cluster, else just this one."""
     assert script.worker_count(strategy) == workers

@@ -19,13 +19,20 @@ import types
 import keras
 import pandas as pd
 import pytest
-
-from conftest import RANDOM_WEIGHTS, REPOSITORY, script
 import synthetic
+from conftest import RANDOM_WEIGHTS, REPOSITORY, script
 
 VALIDATION_FRACTION = 0.5  # One of the two training studies.
-SMALL_RUN = ["--weights", str(RANDOM_WEIGHTS), "--image-size", "32", "--batch-size", "16",
-             "--val-fraction", str(VALIDATION_FRACTION)]
+SMALL_RUN = [
+    "--weights",
+    str(RANDOM_WEIGHTS),
+    "--image-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    str(VALIDATION_FRACTION),
+]
 # Four phase-1 epochs leave time to stop a run after its first finished epoch and before phase 1 ends.
 KILLED_RUN = [*SMALL_RUN, "--epochs", "4", "--fine-tune-epochs", "1"]
 # The Ctrl-C tests need no phase 2, which is the slowest epoch.
@@ -72,7 +79,10 @@ def training_process(argv, log_dir):
     """
     with open(log_dir / "stdout.txt", "w") as stdout, open(log_dir / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, str(REPOSITORY / "script.py"), *argv], cwd=REPOSITORY, stdout=stdout, stderr=stderr,
+            [sys.executable, str(REPOSITORY / "script.py"), *argv],
+            cwd=REPOSITORY,
+            stdout=stdout,
+            stderr=stderr,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
     try:
@@ -88,8 +98,10 @@ def wait_for_first_finished_epoch(process, output_dir, log_dir):
     deadline = time.monotonic() + TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the run ended (exit {process.returncode}) before it could be stopped:\n"
-                        + (log_dir / "stderr.txt").read_text()[-3000:])
+            pytest.fail(
+                f"the run ended (exit {process.returncode}) before it could be stopped:\n"
+                + (log_dir / "stderr.txt").read_text()[-3000:]
+            )
         state = read_state(output_dir)
         if state and state["history"]:
             assert 1 not in state["finished_phases"], "phase 1 ended before the run could be stopped in it"
@@ -170,6 +182,28 @@ def test_resume_with_other_options_is_refused_naming_them(run_stopped_by_ctrl_c,
     assert read_state(output_dir)["history"]
 
 
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        pytest.param(["--fine-tune-layers", "3"], "--fine-tune-layers was 10, now 3", id="fine-tune layers"),
+        pytest.param("zoom_range", "AUGMENTATION was", id="augmentation"),
+    ],
+)
+def test_resume_with_other_model_settings_is_refused_naming_them(
+    run_stopped_by_ctrl_c, change, expected, monkeypatch, capsys
+):
+    """The model's settings, those without an option (AUGMENTATION) included, must match to resume."""
+    output_dir = run_stopped_by_ctrl_c.output_dir
+    argv = training_argv(run_stopped_by_ctrl_c.data_dir, output_dir, STOPPED_RUN)
+    if change == "zoom_range":
+        monkeypatch.setitem(script.AUGMENTATION, "zoom_range", 0.5)
+        change = []
+    exit_code = script.main([*argv, *change, "--resume"])
+    assert exit_code == 2
+    assert expected in capsys.readouterr().err
+    assert read_state(output_dir)["history"]
+
+
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     """A writer that fails half-way through leaves the previous file whole and its temporary file removed."""
     path = tmp_path / "submission.csv"
@@ -220,11 +254,15 @@ def test_too_little_free_disk_is_refused_stating_the_estimate(small_dataset, tmp
     """With less free disk than the checkpoints need, the run stops before training, says how much it needs,
     and writes nothing."""
     one_megabyte = 10**6
-    monkeypatch.setattr(script.shutil, "disk_usage",
-                        lambda path: types.SimpleNamespace(total=10**12, used=10**12 - one_megabyte, free=one_megabyte))
+    monkeypatch.setattr(
+        script.shutil,
+        "disk_usage",
+        lambda path: types.SimpleNamespace(total=10**12, used=10**12 - one_megabyte, free=one_megabyte),
+    )
     output_dir = tmp_path / "output"
     message = refused_training(small_dataset, output_dir, capsys)
-    assert f"{script.checkpoint_bytes(32, 1) / 1e9:.1f} GB" in message
+    _, options = script.parse_arguments(training_argv(small_dataset, output_dir, SHORT_RUN))
+    assert f"{script.checkpoint_bytes(script.severity_model(options), 1) / 1e9:.1f} GB" in message
     assert file_names(output_dir) == []
 
 
@@ -264,7 +302,8 @@ def test_image_that_breaks_mid_run_stops_the_run_naming_it(dataset, tmp_path, mo
 
 
 def test_skip_bad_images_drops_a_missing_image_and_leaves_out_ones_that_break_mid_run(
-        dataset, tmp_path, monkeypatch, capsys):
+    dataset, tmp_path, monkeypatch, capsys
+):
     """With --skip-bad-images a missing image is dropped up front, and a training and a validation image that
     break mid-run are left out; each is counted and named, and the run finishes."""
     missing = script.load_train_table(dataset)["image_path"][0]
@@ -309,8 +348,9 @@ def model_with_lambda_layer(tmp_path):
 
 def refused_prediction(model_path, data_dir, output_dir, capsys):
     """Run `predict` with a model it must refuse; return the error message, which must name the model file."""
-    exit_code = script.main(["predict", "--model", str(model_path), "--data-dir", str(data_dir),
-                             "--output-dir", str(output_dir)])
+    exit_code = script.main(
+        ["predict", "--model", str(model_path), "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
+    )
     message = capsys.readouterr().err
     assert exit_code == 2, message
     assert str(model_path) in message
@@ -327,3 +367,15 @@ def test_predict_refuses_a_model_with_code_in_it(model_with_lambda_layer, tiny_d
     """A model with a Lambda layer is refused by the safe-mode load instead of having its code run."""
     message = refused_prediction(model_with_lambda_layer, tiny_dataset, tmp_path / "output", capsys)
     assert "lambda" in message.lower()
+
+
+def test_a_batch_whose_every_image_breaks_teaches_nothing_and_does_not_crash(tmp_path):
+    """With --skip-bad-images, a batch in which every image fails to decode keeps its shape: black images with
+    sample weight 0, each counted as skipped (it used to reach np.stack([]) and end in a traceback)."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+    batches = script.ImageBatches([str(broken)] * 3, 32, 4, labels=[0, 1, 2], skip_bad_images=True)
+    images, one_hot, weights = batches[0]
+    assert images.shape == (3, 32, 32, 3) and one_hot.shape == (3, len(script.CLASS_NAMES))
+    assert (weights == 0).all()
+    assert batches.skipped == {str(broken)}

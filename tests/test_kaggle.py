@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 import synthetic
 from conftest import QUICK_RUN, script
 
@@ -127,13 +126,16 @@ def test_without_a_local_copy_imagenet_weights_are_downloaded_up_front(kaggle_ro
     assert script.find_local_imagenet_weights() is None
     requests = []
     downloaded = tmp_path / script.IMAGENET_WEIGHTS_FILE
-    monkeypatch.setattr(script.keras.utils, "get_file", lambda *arguments, **options: requests.append(arguments) or str(downloaded))
+    monkeypatch.setattr(
+        script.keras.utils, "get_file", lambda *arguments, **options: requests.append(arguments) or str(downloaded)
+    )
     assert script.resolve_weights("imagenet") == (str(downloaded), f"ImageNet, downloaded to {downloaded}")
     assert requests == [(script.IMAGENET_WEIGHTS_FILE, script.IMAGENET_WEIGHTS_URL)]
 
 
 def test_a_failed_download_is_refused_with_the_ways_out(kaggle_root, monkeypatch):
     """Offline, --weights imagenet without a local copy exits 2 before anything is written, saying what to pass."""
+
     def fail(*arguments, **options):
         raise Exception("URL fetch failure: no network")
 

@@ -10,13 +10,26 @@ import json
 
 import numpy as np
 import pandas as pd
-
 import synthetic
 from conftest import script
 
 # The run and the bar it must clear; benchmarks/learning.py measures the same run and reports its figures.
-LEARNING_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "8", "--fine-tune-epochs", "0",
-                "--batch-size", "16", "--class-weights", "1,1,1", "--seed", "0"]
+LEARNING_RUN = [
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--epochs",
+    "8",
+    "--fine-tune-epochs",
+    "0",
+    "--batch-size",
+    "16",
+    "--class-weights",
+    "1,1,1",
+    "--seed",
+    "0",
+]
 MINIMUM_ACCURACY = 0.8  # On the held-out test pictures and on the validation rows; chance is 1/3.
 MINIMUM_MARGIN = 0.4  # How far the validation score must fall below the best constant's (about 1.0 here).
 

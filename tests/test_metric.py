@@ -4,14 +4,13 @@ re-implementation, input errors, and checks against the real labels when they ar
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from pathlib import Path
-from sklearn.metrics import log_loss
-
 from conftest import script as M
+from sklearn.metrics import log_loss
 
 LOG_2 = math.log(2)
 
@@ -44,8 +43,14 @@ def write_csv(directory, name, frame):
 
 
 def test_row_id_helpers():
-    row_ids = pd.Series(["12_spinal_canal_stenosis_l1_l2", "3_left_neural_foraminal_narrowing_l5_s1",
-                         "45_right_subarticular_stenosis_l2_l3", "7_something_else"])
+    row_ids = pd.Series(
+        [
+            "12_spinal_canal_stenosis_l1_l2",
+            "3_left_neural_foraminal_narrowing_l5_s1",
+            "45_right_subarticular_stenosis_l2_l3",
+            "7_something_else",
+        ]
+    )
     assert M.study_ids(row_ids).tolist() == ["12", "3", "45", "7"]
     assert M.locations(row_ids).tolist()[0] == "spinal_canal_stenosis_l1_l2"
     assert M.condition_groups(row_ids).tolist() == ["spinal", "foraminal", "subarticular", ""]
@@ -91,18 +96,22 @@ def test_rows_are_weighted_by_their_true_class():
 
 def spinal_example():
     """Two studies: study 1 has a severe level, study 2 only moderate and normal ones."""
-    labels = labels_frame({
-        "1_spinal_canal_stenosis_l1_l2": "severe",
-        "1_spinal_canal_stenosis_l2_l3": "normal_mild",
-        "2_spinal_canal_stenosis_l1_l2": "moderate",
-        "2_spinal_canal_stenosis_l2_l3": "normal_mild",
-    })
-    predictions = predictions_frame({
-        "1_spinal_canal_stenosis_l1_l2": (0.25, 0.25, 0.5),
-        "1_spinal_canal_stenosis_l2_l3": (0.6, 0.2, 0.2),
-        "2_spinal_canal_stenosis_l1_l2": (0.4, 0.5, 0.1),
-        "2_spinal_canal_stenosis_l2_l3": (0.5, 0.2, 0.3),
-    })
+    labels = labels_frame(
+        {
+            "1_spinal_canal_stenosis_l1_l2": "severe",
+            "1_spinal_canal_stenosis_l2_l3": "normal_mild",
+            "2_spinal_canal_stenosis_l1_l2": "moderate",
+            "2_spinal_canal_stenosis_l2_l3": "normal_mild",
+        }
+    )
+    predictions = predictions_frame(
+        {
+            "1_spinal_canal_stenosis_l1_l2": (0.25, 0.25, 0.5),
+            "1_spinal_canal_stenosis_l2_l3": (0.6, 0.2, 0.2),
+            "2_spinal_canal_stenosis_l1_l2": (0.4, 0.5, 0.1),
+            "2_spinal_canal_stenosis_l2_l3": (0.5, 0.2, 0.3),
+        }
+    )
     return labels, predictions
 
 
@@ -125,19 +134,28 @@ def test_any_severe_uses_the_renormalised_severe_probability():
 
 
 def test_score_is_the_mean_of_the_groups_present_and_any_severe():
-    labels = labels_frame({"1_spinal_canal_stenosis_l1_l2": "normal_mild",
-                           "1_left_neural_foraminal_narrowing_l1_l2": "moderate"})
-    predictions = predictions_frame({"1_spinal_canal_stenosis_l1_l2": (0.5, 0.3, 0.2),
-                                     "1_left_neural_foraminal_narrowing_l1_l2": (0.5, 0.25, 0.25)})
+    labels = labels_frame(
+        {"1_spinal_canal_stenosis_l1_l2": "normal_mild", "1_left_neural_foraminal_narrowing_l1_l2": "moderate"}
+    )
+    predictions = predictions_frame(
+        {"1_spinal_canal_stenosis_l1_l2": (0.5, 0.3, 0.2), "1_left_neural_foraminal_narrowing_l1_l2": (0.5, 0.25, 0.25)}
+    )
     scores = M.score_predictions(labels, predictions)
-    assert scores == pytest.approx({"score": (LOG_2 + 2 * LOG_2 - math.log(0.8)) / 3,
-                                    "spinal": LOG_2, "foraminal": 2 * LOG_2, "any_severe_spinal": -math.log(0.8)})
+    assert scores == pytest.approx(
+        {
+            "score": (LOG_2 + 2 * LOG_2 - math.log(0.8)) / 3,
+            "spinal": LOG_2,
+            "foraminal": 2 * LOG_2,
+            "any_severe_spinal": -math.log(0.8),
+        }
+    )
 
 
 def test_blank_labels_are_not_scored_and_need_no_prediction():
     labels, predictions = spinal_example()
-    with_blanks = pd.concat([labels, labels_frame({"3_spinal_canal_stenosis_l1_l2": None,
-                                                   "1_spinal_canal_stenosis_l3_l4": None})])
+    with_blanks = pd.concat(
+        [labels, labels_frame({"3_spinal_canal_stenosis_l1_l2": None, "1_spinal_canal_stenosis_l3_l4": None})]
+    )
     terrible = predictions_frame({"1_spinal_canal_stenosis_l3_l4": (1.0, 0.0, 0.0)})
     expected = M.score_predictions(labels, predictions)
     assert M.score_predictions(with_blanks, pd.concat([predictions, terrible])) == expected
@@ -149,7 +167,8 @@ def test_row_order_and_extra_submission_rows_do_not_matter():
     extra = predictions_frame({"999_spinal_canal_stenosis_l1_l2": (1.0, 0.0, 0.0)})
     shuffled_predictions = pd.concat([predictions, extra]).sample(frac=1, random_state=3)
     assert M.score_predictions(shuffled_labels, shuffled_predictions) == pytest.approx(
-        M.score_predictions(labels, predictions), rel=1e-12)
+        M.score_predictions(labels, predictions), rel=1e-12
+    )
 
 
 def test_a_missing_row_id_is_an_input_error_naming_it():
@@ -203,17 +222,26 @@ def reference_score(solution, submission):
     solution["true_class"] = solution[list(M.CLASS_NAMES)].to_numpy().argmax(axis=1)
     solution["sample_weight"] = 2.0 ** solution["true_class"]
     solution["study_id"] = [row_id.split("_")[0] for row_id in solution["row_id"]]
-    solution["condition"] = [next(group for key, group in M.CONDITION_GROUPS.items() if key in row_id)
-                             for row_id in solution["row_id"]]
+    solution["condition"] = [
+        next(group for key, group in M.CONDITION_GROUPS.items() if key in row_id) for row_id in solution["row_id"]
+    ]
     solution["predicted_severe"] = probabilities[:, 2]
     losses = {}
     for condition in ["spinal", "foraminal", "subarticular"]:
         mask = (solution["condition"] == condition).to_numpy()
-        losses[condition] = log_loss(solution.loc[mask, "true_class"], probabilities[mask],
-                                     sample_weight=solution.loc[mask, "sample_weight"], labels=[0, 1, 2])
+        losses[condition] = log_loss(
+            solution.loc[mask, "true_class"],
+            probabilities[mask],
+            sample_weight=solution.loc[mask, "sample_weight"],
+            labels=[0, 1, 2],
+        )
     studies = solution[solution["condition"] == "spinal"].groupby("study_id")
-    losses["any_severe_spinal"] = log_loss(studies["severe"].max(), studies["predicted_severe"].max(),
-                                           sample_weight=studies["sample_weight"].max(), labels=[0, 1])
+    losses["any_severe_spinal"] = log_loss(
+        studies["severe"].max(),
+        studies["predicted_severe"].max(),
+        sample_weight=studies["sample_weight"].max(),
+        labels=[0, 1],
+    )
     return {"score": np.mean(list(losses.values())), **losses}
 
 
@@ -221,8 +249,9 @@ def reference_score(solution, submission):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_an_independent_sklearn_reimplementation(seed):
     labels, predictions = random_example(seed)
-    assert M.score_predictions(labels, predictions) == pytest.approx(reference_score(labels, predictions),
-                                                                     rel=1e-9, abs=1e-9)
+    assert M.score_predictions(labels, predictions) == pytest.approx(
+        reference_score(labels, predictions), rel=1e-9, abs=1e-9
+    )
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -236,8 +265,11 @@ def test_labels_from_wide_makes_long_one_hot_rows():
     labels = M.labels_from_wide(wide)
     assert len(labels) == 50 and list(labels.columns) == ["row_id", *M.CLASS_NAMES]
     assert labels["row_id"].iloc[[0, 24, 25, 26]].tolist() == [
-        "7_spinal_canal_stenosis_l1_l2", "7_right_subarticular_stenosis_l5_s1",
-        "3_spinal_canal_stenosis_l1_l2", "3_spinal_canal_stenosis_l2_l3"]
+        "7_spinal_canal_stenosis_l1_l2",
+        "7_right_subarticular_stenosis_l5_s1",
+        "3_spinal_canal_stenosis_l1_l2",
+        "3_spinal_canal_stenosis_l2_l3",
+    ]
     one_hot = labels[list(M.CLASS_NAMES)].to_numpy()
     np.testing.assert_array_equal(one_hot[[0, 25, 26]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     assert np.isnan(one_hot[24]).all()
@@ -261,8 +293,13 @@ def test_wide_and_long_solution_files_score_the_same(tmp_path):
     severities = random.choice([*M.SEVERITY_NAMES, ""], size=(40, 25), p=[0.6, 0.2, 0.1, 0.1])
     wide = pd.DataFrame(severities, columns=list(M.WIDE_LABEL_COLUMNS)).assign(study_id=range(1000, 1040))
     class_of = {**dict(zip(M.SEVERITY_NAMES, M.CLASS_NAMES)), "": None}
-    long = labels_frame({f"{study}_{column}": class_of[wide.at[index, column]]
-                         for index, study in enumerate(wide["study_id"]) for column in M.WIDE_LABEL_COLUMNS})
+    long = labels_frame(
+        {
+            f"{study}_{column}": class_of[wide.at[index, column]]
+            for index, study in enumerate(wide["study_id"])
+            for column in M.WIDE_LABEL_COLUMNS
+        }
+    )
     wide_path, long_path = write_csv(tmp_path, "train.csv", wide), write_csv(tmp_path, "solution.csv", long)
     pd.testing.assert_frame_equal(M.read_solution(wide_path), M.read_solution(long_path))
     submission_path = write_csv(tmp_path, "submission.csv", random_example(seed=5)[1])
@@ -277,13 +314,19 @@ def test_best_constant_is_frequencies_times_weights_renormalised():
 
 
 def test_prior_predictions_use_each_locations_constant():
-    labels = labels_frame({"1_spinal_canal_stenosis_l1_l2": "normal_mild", "2_spinal_canal_stenosis_l1_l2": "severe",
-                           "1_spinal_canal_stenosis_l2_l3": "moderate"})
+    labels = labels_frame(
+        {
+            "1_spinal_canal_stenosis_l1_l2": "normal_mild",
+            "2_spinal_canal_stenosis_l1_l2": "severe",
+            "1_spinal_canal_stenosis_l2_l3": "moderate",
+        }
+    )
     row_ids = pd.Series(["9_spinal_canal_stenosis_l2_l3", "9_spinal_canal_stenosis_l1_l2", "9_unseen_location"])
     predictions = prior_predictions(labels, row_ids)
     assert predictions["row_id"].tolist() == row_ids.tolist()
-    np.testing.assert_allclose(predictions[list(M.CLASS_NAMES)].to_numpy(),
-                               [[0, 1, 0], [0.2, 0, 0.8], M.best_constant_prediction(labels)])
+    np.testing.assert_allclose(
+        predictions[list(M.CLASS_NAMES)].to_numpy(), [[0, 1, 0], [0.2, 0, 0.8], M.best_constant_prediction(labels)]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -327,16 +370,29 @@ def test_a_missing_file_is_an_input_error(example_files, tmp_path):
         M.run_score(example_files[0], tmp_path / "nowhere.csv")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda frame: frame.drop(columns="moderate"), "submission.csv: missing column.s. moderate"),
-    (lambda frame: frame.astype({"severe": object}).assign(severe=["0.1", "abc", "0.2", "0.3"]),
-     "column severe needs finite.*1_spinal_canal_stenosis_l2_l3"),
-    (lambda frame: frame.assign(normal_mild=[0.1, 0.2, np.inf, 0.3]),
-     "column normal_mild .* 2_spinal_canal_stenosis_l1_l2"),
-    (lambda frame: frame.assign(moderate=[0.1, 0.2, 0.3, -0.1]), "column moderate .* 2_spinal_canal_stenosis_l2_l3"),
-    (lambda frame: frame.assign(moderate=[0.1, 0.2, 0.3, None]), "column moderate .* 2_spinal_canal_stenosis_l2_l3"),
-    (lambda frame: pd.concat([frame, frame.iloc[[1]]]), "duplicate row_id.s. 1_spinal_canal_stenosis_l2_l3"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda frame: frame.drop(columns="moderate"), "submission.csv: missing column.s. moderate"),
+        (
+            lambda frame: frame.astype({"severe": object}).assign(severe=["0.1", "abc", "0.2", "0.3"]),
+            "column severe needs finite.*1_spinal_canal_stenosis_l2_l3",
+        ),
+        (
+            lambda frame: frame.assign(normal_mild=[0.1, 0.2, np.inf, 0.3]),
+            "column normal_mild .* 2_spinal_canal_stenosis_l1_l2",
+        ),
+        (
+            lambda frame: frame.assign(moderate=[0.1, 0.2, 0.3, -0.1]),
+            "column moderate .* 2_spinal_canal_stenosis_l2_l3",
+        ),
+        (
+            lambda frame: frame.assign(moderate=[0.1, 0.2, 0.3, None]),
+            "column moderate .* 2_spinal_canal_stenosis_l2_l3",
+        ),
+        (lambda frame: pd.concat([frame, frame.iloc[[1]]]), "duplicate row_id.s. 1_spinal_canal_stenosis_l2_l3"),
+    ],
+)
 def test_bad_submissions_are_input_errors_naming_the_problem(example_files, edit, message):
     solution_path, submission_path = example_files
     edit(pd.read_csv(submission_path)).to_csv(submission_path, index=False)
@@ -344,13 +400,18 @@ def test_bad_submissions_are_input_errors_naming_the_problem(example_files, edit
         M.run_score(solution_path, submission_path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda frame: frame.assign(moderate=[0, 0.5, 1, 0]), "not one-hot .*1_spinal_canal_stenosis_l2_l3"),
-    (lambda frame: frame.assign(severe=[1, None, 0, 0]), "one-hot .* 1_spinal_canal_stenosis_l2_l3"),
-    (lambda frame: frame.astype({"severe": object}).assign(severe=["1", "yes", "0", "0"]),
-     "not one-hot .*1_spinal_canal_stenosis_l2_l3"),
-    (lambda frame: frame.drop(columns="row_id"), "solution.csv: missing column.s. row_id"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda frame: frame.assign(moderate=[0, 0.5, 1, 0]), "not one-hot .*1_spinal_canal_stenosis_l2_l3"),
+        (lambda frame: frame.assign(severe=[1, None, 0, 0]), "one-hot .* 1_spinal_canal_stenosis_l2_l3"),
+        (
+            lambda frame: frame.astype({"severe": object}).assign(severe=["1", "yes", "0", "0"]),
+            "not one-hot .*1_spinal_canal_stenosis_l2_l3",
+        ),
+        (lambda frame: frame.drop(columns="row_id"), "solution.csv: missing column.s. row_id"),
+    ],
+)
 def test_bad_solutions_are_input_errors_naming_the_problem(example_files, edit, message):
     solution_path, submission_path = example_files
     edit(pd.read_csv(solution_path)).to_csv(solution_path, index=False)

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-
 from conftest import script
 
 IMAGE_SIZE = 32  # The smallest input ResNet50 accepts keeps each training step cheap.
@@ -41,8 +40,7 @@ def snapshot(variables):
 
 
 def train_one_batch(model, learning_rate):
-    """Compile as the training phase does and take two steps on a small random batch (the output layer starts
-    at zero, so only from the second step on do the layers before it receive a gradient)."""
+    """Compile as the training phase does and take one step on a small random batch."""
     script.compile_model(model, learning_rate)
     # Eager execution skips tracing the training graph, which costs more than the step itself; the layers
     # receive the same training flags either way.
@@ -50,8 +48,7 @@ def train_one_batch(model, learning_rate):
     generator = np.random.default_rng(0)
     images = generator.normal(0, 50, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     labels = np.eye(len(script.CLASS_NAMES), dtype=np.float32)[[0, 1, 2, 0]]
-    for _ in range(2):
-        model.train_on_batch(images, labels)
+    model.train_on_batch(images, labels)
 
 
 def changed(before, after):
@@ -73,7 +70,7 @@ def test_phase_two_unfreezes_the_last_layers_except_batch_normalization(model):
     """Exactly the last FINE_TUNE_LAYERS base layers minus BatchNormalization become trainable, plus the head."""
     script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
     base_layers = base_of(model).layers
-    tail = base_layers[-script.FINE_TUNE_LAYERS:]
+    tail = base_layers[-script.FINE_TUNE_LAYERS :]
     expected = {layer.name for layer in tail if not is_batch_normalization(layer)}
     assert {layer.name for layer in base_layers if layer.trainable} == expected
     assert not any(layer.trainable for layer in base_layers if is_batch_normalization(layer))
@@ -122,8 +119,9 @@ def test_recalibration_averages_the_batch_statistics():
     """With several batches, the first layer's moving mean is the mean of its per-batch means."""
     model = script.build_model(IMAGE_SIZE, None, from_scratch=True)
     generator = np.random.default_rng(2)
-    batches = Batches([(generator.normal(offset, 50, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),)
-                       for offset in (-40, 0, 40)])
+    batches = Batches(
+        [(generator.normal(offset, 50, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),) for offset in (-40, 0, 40)]
+    )
     script.recalibrate_batch_normalization(model, batches)
     base = base_of(model)
     convolution = keras.Model(base.input, base.get_layer("conv1_conv").output)

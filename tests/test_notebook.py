@@ -19,15 +19,21 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import QUICK_RUN, REPOSITORY
 
 # The notebook client's limit for each cell; the tiny run takes well under a minute even on a busy machine.
 CELL_TIMEOUT_SECONDS = 300
 # How VS Code starts a Jupyter kernel: `--f=` where Jupyter passes `-f`, after options of its own.
 VS_CODE_KERNEL_ARGUMENTS = [
-    "--ip=127.0.0.1", "--stdin=9003", "--control=9001", "--hb=9000", '--Session.signature_scheme="hmac-sha256"',
-    '--Session.key=b"0d5a3f1e-8c1b-4c4e-9d8e-2f6b7a1c3e5d"', "--shell=9002", '--transport="tcp"', "--iopub=9004",
+    "--ip=127.0.0.1",
+    "--stdin=9003",
+    "--control=9001",
+    "--hb=9000",
+    '--Session.signature_scheme="hmac-sha256"',
+    '--Session.key=b"0d5a3f1e-8c1b-4c4e-9d8e-2f6b7a1c3e5d"',
+    "--shell=9002",
+    '--transport="tcp"',
+    "--iopub=9004",
     "--f=/tmp/kernel-v2-1234abcd.json",
 ]
 SUBMISSION_COLUMNS = ["row_id", "normal_mild", "moderate", "severe"]
@@ -36,8 +42,15 @@ SUBMISSION_COLUMNS = ["row_id", "normal_mild", "moderate", "severe"]
 def notebook_cells(data_dir, train_output_dir, predict_output_dir):
     """The notebook's cells by name, in execution order."""
     train_arguments = ["--data-dir", str(data_dir), "--output-dir", str(train_output_dir), *QUICK_RUN]
-    predict_arguments = ["predict", "--model", str(train_output_dir / "model.keras"), "--data-dir", str(data_dir),
-                         "--output-dir", str(predict_output_dir)]
+    predict_arguments = [
+        "predict",
+        "--model",
+        str(train_output_dir / "model.keras"),
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(predict_output_dir),
+    ]
     # What the options must equal when every argument given is the kernel's own: the parser's defaults.
     defaults = 'vars(build_parser("train").parse_args([]))'
     return {
@@ -60,7 +73,10 @@ def notebook(tiny_dataset, tmp_path_factory):
     # allow_errors runs every cell, so that each test reports on its own cell rather than on the first failure.
     # "python3" is ipykernel's kernelspec, whose `python` jupyter_client replaces with this interpreter.
     client = nbclient.NotebookClient(
-        document, kernel_name="python3", timeout=CELL_TIMEOUT_SECONDS, allow_errors=True,
+        document,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_SECONDS,
+        allow_errors=True,
         resources={"metadata": {"path": str(working_dir)}},
     )
     client.execute()
@@ -75,7 +91,8 @@ def cell_text(notebook, name):
     assert not errors, f"cell {name!r} raised {errors}; its stderr:\n{stderr}"
     return "".join(
         output.text if output.output_type == "stream" else output.data.get("text/plain", "")
-        for output in outputs if output.output_type in ("stream", "execute_result")
+        for output in outputs
+        if output.output_type in ("stream", "execute_result")
     )
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-
 from conftest import TINY_RUN, script
 
 
@@ -53,8 +52,17 @@ def test_config_records_the_resolved_options_and_library_versions(tiny_dataset, 
     assert config["options"] == json.loads(json.dumps(vars(options)))
     assert (config["options"]["epochs"], config["options"]["seed"]) == (1, script.SEED)
     assert config["options"]["class_weights"] == list(script.CLASS_WEIGHTS)
-    expected_versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-                         "pandas": pd.__version__, "opencv": cv2.__version__}
+    model = config["severity_model"]
+    assert model["fine_tune_layers"] == script.FINE_TUNE_LAYERS
+    assert model["augmentation"] == script.AUGMENTATION
+    assert model["weights"] == "none" and model["image_size"] == options.image_size
+    expected_versions = {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "opencv": cv2.__version__,
+    }
     assert expected_versions.items() <= config["versions"].items()
 
 
@@ -88,8 +96,17 @@ def test_metrics_score_the_oof_predictions(tiny_dataset, tiny_run):
 def test_predict_reproduces_the_training_submission(tiny_dataset, tiny_run, tmp_path):
     """`predict --model` alone gives the training run's submission: same rows, probabilities within 1e-4.
     No --image-size is passed, so the 32 px must come from the model (the default is 224)."""
-    exit_code = script.main(["predict", "--model", str(tiny_run / "model.keras"), "--data-dir", str(tiny_dataset),
-                             "--output-dir", str(tmp_path)])
+    exit_code = script.main(
+        [
+            "predict",
+            "--model",
+            str(tiny_run / "model.keras"),
+            "--data-dir",
+            str(tiny_dataset),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert exit_code == 0
     trained = pd.read_csv(tiny_run / "submission.csv", dtype={"row_id": str})
     predicted = pd.read_csv(tmp_path / "submission.csv", dtype={"row_id": str})

@@ -7,11 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import cv2
+import dicom_synthetic
 import numpy as np
 import pandas as pd
 import pytest
-
-import dicom_synthetic
 from conftest import script as P
 
 # Small crops keep the tests fast; 12 mm holds one synthetic marker and no other.
@@ -246,7 +245,9 @@ def test_missing_image_folder_raises_input_error(tmp_path):
 
 
 def test_prepare_summary_prints_counts_and_names_broken_files(competition, tmp_path, capsys):
-    P.print_prepare_summary(P.prepare_competition(competition.root, tmp_path, crop_mm=CROP_MM, crop_pixels=CROP_PIXELS, workers=2))
+    P.print_prepare_summary(
+        P.prepare_competition(competition.root, tmp_path, crop_mm=CROP_MM, crop_pixels=CROP_PIXELS, workers=2)
+    )
     printed = capsys.readouterr().out
     assert f"{len(expected_train_row_ids(competition))} rows to {tmp_path / 'train.csv'}" in printed
     assert f"{len(competition.blank_row_ids)} with a blank label" in printed

@@ -6,9 +6,8 @@ import sys
 
 import pandas as pd
 import pytest
-
-from conftest import REPOSITORY, script
 import synthetic
+from conftest import REPOSITORY, script
 
 # Refusals happen before training, so the command line can ask for the smallest model ResNet50 allows.
 SMALL_RUN = ["--weights", "none", "--image-size", "32"]
@@ -222,9 +221,19 @@ def test_command_line_run_with_a_deleted_training_image_is_refused(data_dir, out
     image = data_dir / read_table(data_dir, "train.csv").loc[0, "image_path"]
     image.unlink()
     completed = subprocess.run(
-        [sys.executable, str(REPOSITORY / "script.py"), *SMALL_RUN,
-         "--data-dir", str(data_dir), "--output-dir", str(output_dir)],
-        cwd=REPOSITORY, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPOSITORY / "script.py"),
+            *SMALL_RUN,
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(output_dir),
+        ],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 2, completed.stderr
     assert str(image) in completed.stderr
