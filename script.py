@@ -58,7 +58,7 @@ import threading
 import time
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -111,6 +111,15 @@ AUGMENTATION = dict(
     horizontal_flip=True,
     fill_mode="nearest",
 )
+
+# The level localiser (stage 1): ResNet50 with a stride-4 heatmap head, on whole slices. It finds the 25 points of a
+# study that has no label coordinates (the hidden test set), so crops can be cut there.
+LOCALISER_IMAGE_SIZE = 128  # px, square: a 288-320 px sagittal slice at 2.3-2.5 px per input px; heatmap stride 4
+LOCALISER_EPOCHS = 30  # each epoch: one slice per study and series kind (0: no localiser)
+LOCALISER_BATCH_SIZE = 8  # slices per step
+LOCALISER_LEARNING_RATE = 1e-3  # Adam; warmed up over the first epoch, then cosine-decayed to a tenth
+LOCALISER_AUGMENTATION = dict(rotation_range=10, width_shift_range=0.08, height_shift_range=0.08, zoom_range=0.1)
+AXIAL_MATCH_MM = 5.0  # an axial slice farther than this from a level's point is no match for it
 
 # prepare: crops cut from the competition DICOMs.
 # 48 mm covers one disc level with context: the disc (about 10 mm tall) plus roughly half of the
@@ -178,6 +187,33 @@ def severity_model(options):
     )
 
 
+@dataclass(frozen=True)
+class LocaliserModel:
+    """The level localiser's settings, from its block above and the command line (localiser_model(options))."""
+
+    image_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weights: str
+    augmentation: dict
+
+    def recorded(self):
+        return asdict(self)
+
+
+def localiser_model(options):
+    """The localiser's settings for a run; it shares --weights with the severity model."""
+    return LocaliserModel(
+        image_size=options.localiser_image_size,
+        epochs=options.localiser_epochs,
+        batch_size=LOCALISER_BATCH_SIZE,
+        learning_rate=LOCALISER_LEARNING_RATE,
+        weights=options.weights,
+        augmentation=dict(LOCALISER_AUGMENTATION),
+    )
+
+
 # == 2. task facts =====================================================================================================
 
 # Facts about the task. Each is defined once; everything else derives from these.
@@ -205,6 +241,25 @@ TEST_COLUMNS = ("row_id", "image_path")
 SUBMISSION_COLUMNS = ("row_id", *CLASS_NAMES)
 WIDE_LABEL_COLUMNS = tuple(f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS)
 PROBABILITY_EPSILON = 1e-15  # The official metric clips probabilities to [epsilon, 1 - epsilon].
+# The series kinds the localiser reads, by the competition's series_description.
+SERIES_KINDS = {"Sagittal T2/STIR": "canal", "Sagittal T1": "foramen", "Axial T2": "recess"}
+# Condition groups and the series each is labelled on, as in the competition.
+CONDITION_KIND = {
+    "spinal_canal_stenosis": "canal",
+    "left_neural_foraminal_narrowing": "foramen",
+    "right_neural_foraminal_narrowing": "foramen",
+    "left_subarticular_stenosis": "recess",
+    "right_subarticular_stenosis": "recess",
+}
+# The localiser's output channels: one per canal level, one per foramen level (either side; the slice says which),
+# and one per side for the recess on an axial slice (its level comes from the geometry).
+LOCALISER_CHANNELS = (
+    *[("spinal_canal_stenosis", level) for level in LEVELS],
+    *[("neural_foraminal_narrowing", level) for level in LEVELS],
+    ("left_subarticular_stenosis", None),
+    ("right_subarticular_stenosis", None),
+)
+KIND_CHANNELS = {"canal": range(0, 5), "foramen": range(5, 10), "recess": range(10, 12)}
 KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # Kaggle's folders; tests point this elsewhere.
 
 
@@ -629,6 +684,17 @@ def slice_triplet(instance_numbers, instance_number):
     )
 
 
+def neighbours_along_normal(series_dir):
+    """{instance number: (previous, itself, next)} by position along the normal, within each sub-stack; the edge
+    slice stands in for its missing neighbour at either end."""
+    neighbours = {}
+    for stack in read_stacks(series_dir):
+        numbers = stack.instance_numbers
+        for index, number in enumerate(numbers):
+            neighbours[number] = (numbers[max(index - 1, 0)], number, numbers[min(index + 1, len(numbers) - 1)])
+    return neighbours
+
+
 def read_slices(series_dir, instance_numbers):
     """Read the given instances of a series: (dict of readable slices, names of broken files)."""
     slices, undecodable_files = {}, []
@@ -641,6 +707,212 @@ def read_slices(series_dir, instance_numbers):
         except Exception as error:
             undecodable_files.append(f"{path}: {error}")
     return slices, undecodable_files
+
+
+# Geometry, in the patient's coordinates (DICOM LPS, mm: +x the patient's left, +y posterior, +z the head).
+# A pixel (x, y) of a slice is at P = ImagePositionPatient + x * column spacing * r + y * row spacing * c, with r and
+# c the row and column directions of ImageOrientationPatient. Slices are ordered by their position along the
+# normal n = r × c, never by InstanceNumber, and the slice spacing comes from those positions, since
+# SliceThickness and SpacingBetweenSlices are missing in the hidden test set.
+ORIENTATION_TOLERANCE = 0.02  # Direction cosines closer than this belong to the same sub-stack.
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """The tags of one DICOM slice that place it in the world."""
+
+    path: Path
+    instance_number: int
+    position: tuple  # ImagePositionPatient: the world point of the centre of pixel (0, 0).
+    orientation: tuple  # ImageOrientationPatient: r, then c.
+    pixel_spacing: tuple  # (row spacing, column spacing), mm; (1, 1) when the tag is missing.
+    shape: tuple  # (rows, columns)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Parallel slices of one series, sorted along their normal: a whole sagittal series, or one of the tilted
+    sub-stacks an axial series may hold. Index i is the i-th slice in that order."""
+
+    series_id: str
+    slices: tuple  # SliceHeader, sorted by position along the normal.
+
+    @property
+    def row_direction(self):
+        return np.asarray(self.slices[0].orientation[:3], float)
+
+    @property
+    def column_direction(self):
+        return np.asarray(self.slices[0].orientation[3:], float)
+
+    @property
+    def normal(self):
+        normal = np.cross(self.row_direction, self.column_direction)
+        return normal / np.linalg.norm(normal)
+
+    @property
+    def positions(self):
+        return np.array([slice_.position for slice_ in self.slices], float)
+
+    @property
+    def instance_numbers(self):
+        return [slice_.instance_number for slice_ in self.slices]
+
+    @property
+    def pixel_spacing(self):
+        return self.slices[0].pixel_spacing
+
+    @property
+    def shape(self):
+        return self.slices[0].shape
+
+    @property
+    def slice_spacing(self):
+        """The median distance between neighbouring slices along the normal (0 for a single slice)."""
+        along = self.positions @ self.normal
+        return float(np.median(np.diff(along))) if len(along) > 1 else 0.0
+
+    def pixel_to_world(self, index, x, y):
+        """The world point of pixel (x, y) (columns, rows; fractions allowed) on slice `index`."""
+        row_spacing, column_spacing = self.pixel_spacing
+        return (
+            self.positions[index]
+            + np.multiply.outer(np.asarray(x, float), self.row_direction * column_spacing)
+            + np.multiply.outer(np.asarray(y, float), self.column_direction * row_spacing)
+        )
+
+    def world_to_pixel(self, point, index):
+        """(x, y, signed distance in mm along the normal) of a world point relative to slice `index`."""
+        offset = np.asarray(point, float) - self.positions[index]
+        row_spacing, column_spacing = self.pixel_spacing
+        return (
+            float(offset @ self.row_direction / column_spacing),
+            float(offset @ self.column_direction / row_spacing),
+            float(offset @ self.normal),
+        )
+
+    def plane_distances(self, point):
+        """The signed distance (mm) of a world point to every slice plane, in stack order."""
+        return (np.asarray(point, float) - self.positions) @ self.normal
+
+    def contains(self, x, y):
+        rows, columns = self.shape
+        return -0.5 <= x <= columns - 0.5 and -0.5 <= y <= rows - 0.5
+
+
+def read_slice_header(path):
+    """The geometry tags of one DICOM file, without decoding its pixels; None if it has none."""
+    pydicom = load_pydicom()
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        position = tuple(float(value) for value in dataset.ImagePositionPatient)
+        orientation = tuple(float(value) for value in dataset.ImageOrientationPatient)
+        spacing = tuple(float(value) for value in (dataset.get("PixelSpacing") or (1.0, 1.0)))
+        shape = (int(dataset.Rows), int(dataset.Columns))
+        # The competition names each file by its instance number, and its labels use that name.
+        stem = Path(path).stem
+        instance_number = int(stem) if stem.isdigit() else int(dataset.InstanceNumber)
+    except Exception:  # A damaged or foreign file: it simply does not take part in the geometry.
+        return None
+    return SliceHeader(Path(path), instance_number, position, orientation, spacing, shape)
+
+
+def read_stacks(series_dir):
+    """A series as its stacks: slices grouped by orientation, pixel spacing and size, each sorted along its normal.
+    Largest stack first."""
+    headers = [header for header in map(read_slice_header, sorted(Path(series_dir).glob("*.dcm"))) if header]
+    groups = []
+    for header in headers:
+        for group in groups:
+            first = group[0]
+            if (
+                np.abs(np.subtract(first.orientation, header.orientation)).max() < ORIENTATION_TOLERANCE
+                and np.allclose(first.pixel_spacing, header.pixel_spacing)
+                and first.shape == header.shape
+            ):
+                group.append(header)
+                break
+        else:
+            groups.append([header])
+    stacks = []
+    for group in groups:
+        normal = np.cross(group[0].orientation[:3], group[0].orientation[3:])
+        group.sort(key=lambda header: (np.dot(header.position, normal), header.instance_number))
+        stacks.append(Stack(Path(series_dir).name, tuple(group)))
+    return sorted(stacks, key=lambda stack: -len(stack.slices))
+
+
+def nearest_slice(stacks, point, within=None):
+    """(stack, index, x, y, distance) of the slice nearest a world point along its normal, among those whose
+    image holds the point's projection, across all the given stacks; None if there is none (or none within
+    `within` mm)."""
+    best = None
+    for stack in stacks:
+        distances = stack.plane_distances(point)
+        for index in np.argsort(np.abs(distances)):
+            x, y, distance = stack.world_to_pixel(point, index)
+            if stack.contains(x, y):
+                if best is None or abs(distance) < abs(best[4]):
+                    best = (stack, int(index), x, y, distance)
+                break
+    if best is None or (within is not None and abs(best[4]) > within):
+        return None
+    return best
+
+
+# The level localiser reads whole series: every slice windowed like prepare's crops, resized to the localiser's
+# square input and kept as uint8 (LOCALISER_IMAGE_SIZE² bytes a slice), each stack with its geometry.
+
+
+@dataclass
+class Volume:
+    """One stack's slices, windowed to uint8 and resized to the localiser's input, with their geometry."""
+
+    stack: Stack
+    images: np.ndarray  # (slices, size, size) uint8, in stack order.
+
+
+def read_volume(stack, image_size):
+    """Decode, window and resize every slice of a stack; None if none of its slices decodes."""
+    slices, _ = read_slices_by_path([header.path for header in stack.slices])
+    if not slices:
+        return None
+    window = intensity_window([pixels for pixels, _, _ in slices.values()])
+    images = np.zeros((len(stack.slices), image_size, image_size), np.uint8)
+    for index, header in enumerate(stack.slices):
+        if header.path in slices:
+            pixels = to_uint8(slices[header.path][0], window)
+            images[index] = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    return Volume(stack, images)
+
+
+def read_slices_by_path(paths):
+    """Read DICOM slices: ({path: (pixels, row spacing, column spacing)}, names of broken files)."""
+    slices, undecodable = {}, []
+    for path in paths:
+        try:
+            slices[path] = read_slice(path)
+        except Exception as error:  # Any decoder failure skips that file, naming it.
+            undecodable.append(f"{path}: {error}")
+    return slices, undecodable
+
+
+def triplet(volume, index):
+    """The localiser's input at slice `index`: that slice and its neighbours along the normal as 3 channels."""
+    last = len(volume.images) - 1
+    return np.stack([volume.images[max(index - 1, 0)], volume.images[index], volume.images[min(index + 1, last)]], -1)
+
+
+def study_series(series_descriptions):
+    """{study_id: {kind: [series_id, ...]}} from a series_descriptions table (unknown descriptions are ignored)."""
+    found = {}
+    for study_id, series_id, description in series_descriptions[
+        ["study_id", "series_id", "series_description"]
+    ].itertuples(index=False):
+        kind = SERIES_KINDS.get(description.strip())
+        if kind:
+            found.setdefault(study_id.strip(), {}).setdefault(kind, []).append(series_id.strip())
+    return found
 
 
 # == 5. crops ==========================================================================================================
@@ -713,7 +985,7 @@ def write_png(path, image):
 def crop_series(task, crop_mm, crop_pixels):
     """Write every missing crop of one series; a missing or broken file only skips its crops.
 
-    A crop's red, green and blue channels are the previous, labelled and next slice.
+    A crop's red, green and blue channels are the previous, labelled and next slice along the normal.
     """
     result = SeriesResult()
     pending = [crop for crop in task.crops if not crop.output_path.exists()]
@@ -724,9 +996,12 @@ def crop_series(task, crop_mm, crop_pixels):
         result.missing_files.append(f"{task.series_dir}/")
         return result
     instance_numbers = series_instances(task.series_dir)
+    neighbours = neighbours_along_normal(task.series_dir)
     triplets = {}
     for crop in task.crops:
-        if crop.instance_number in instance_numbers:
+        if crop.instance_number in neighbours:
+            triplets[crop] = neighbours[crop.instance_number]
+        elif crop.instance_number in instance_numbers:  # A file without geometry tags: its number's neighbours.
             triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
         elif crop in pending:
             result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
@@ -1154,6 +1429,88 @@ def recalibrate_batch_normalization(model, batches):
     finally:
         for layer, momentum in zip(normalizations, momentums):
             layer.momentum = momentum
+
+
+@keras.saving.register_keras_serializable(package="rsna_spine")
+class SpatialSoftArgmax(layers.Layer):
+    """Heatmap logits (batch, height, width, channels) → each channel's expected (x, y), normalised to [0, 1].
+
+    The expectation under a softmax over all positions is differentiable and finer than the grid: a stride-8
+    heatmap places points to a fraction of a cell, where an argmax would be off by up to half a cell.
+    """
+
+    def call(self, heatmaps):
+        heatmaps = keras.ops.cast(heatmaps, "float32")
+        height, width, channels = heatmaps.shape[1], heatmaps.shape[2], heatmaps.shape[3]
+        flat = keras.ops.reshape(keras.ops.transpose(heatmaps, (0, 3, 1, 2)), (-1, channels, height * width))
+        weights = keras.ops.reshape(keras.ops.softmax(flat, axis=-1), (-1, channels, height, width))
+        xs = (keras.ops.arange(width, dtype="float32") + 0.5) / width  # Cell centres, as pixel centres are.
+        ys = (keras.ops.arange(height, dtype="float32") + 0.5) / height
+        x = keras.ops.sum(keras.ops.sum(weights, axis=2) * xs, axis=-1)
+        y = keras.ops.sum(keras.ops.sum(weights, axis=3) * ys, axis=-1)
+        return keras.ops.stack([x, y], axis=-1)
+
+
+# ResNet50 blocks whose outputs feed the localiser's head, at strides 4, 8, 16 and 32.
+LOCALISER_FEATURES = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
+LOCALISER_WIDTH = 128  # channels of the head's feature pyramid
+
+
+def build_localiser(image_size, weights, from_scratch):
+    """The level localiser: ResNet50, a small feature pyramid down to stride 4, and two heads.
+
+    Output (batch, LOCALISER_CHANNELS, 3): per channel the point's normalised (x, y) on the input slice, by a
+    spatial soft-argmax of a stride-4 heatmap, and a logit that the point lies on this slice. The pyramid gives the
+    fine heatmap the whole image's context, which it needs to tell one disc level from the next.
+    """
+    try:
+        base = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    except (OSError, ValueError) as error:
+        raise InputError(f"Could not load ResNet50 weights '{weights}' for the localiser ({error}).") from None
+    trunk = keras.Model(base.input, [base.get_layer(name).output for name in LOCALISER_FEATURES], name="resnet50")
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="slices")
+    # Pretrained, the whole trunk learns, its BatchNormalization in inference mode; from scratch, in training mode.
+    stride4, stride8, stride16, stride32 = trunk(inputs) if from_scratch else trunk(inputs, training=False)
+    pyramid = layers.Conv2D(LOCALISER_WIDTH, 1)(stride32)
+    for features in (stride16, stride8, stride4):
+        pyramid = layers.UpSampling2D(2)(pyramid)
+        pyramid = layers.Add()([layers.Conv2D(LOCALISER_WIDTH, 1)(features), pyramid])
+    pyramid = layers.Conv2D(LOCALISER_WIDTH, 3, padding="same", use_bias=False)(pyramid)
+    pyramid = layers.Activation("relu")(layers.BatchNormalization()(pyramid))
+    heatmaps = layers.Conv2D(len(LOCALISER_CHANNELS), 1, name="heatmaps")(pyramid)
+    points = SpatialSoftArgmax(name="points")(heatmaps)
+    presence = layers.Dense(len(LOCALISER_CHANNELS), dtype="float32")(layers.GlobalAveragePooling2D()(stride32))
+    presence = layers.Reshape((len(LOCALISER_CHANNELS), 1))(presence)
+    outputs = layers.Concatenate(axis=-1, dtype="float32", name="localiser")([points, presence])
+    return keras.Model(inputs, outputs, name="level_localiser")
+
+
+# A point's coordinates weigh this much more than its presence in the localiser's loss: an L1 error of 0.01
+# (2 input pixels) should count about as much as a presence guess that is wrong by a fair margin.
+COORDINATE_LOSS_WEIGHT = 20.0
+
+
+@keras.saving.register_keras_serializable(package="rsna_spine")
+def localiser_loss(targets, outputs):
+    """Masked L1 on the coordinates plus masked binary cross-entropy on the presence, per slice.
+
+    targets (batch, channels, 5): x, y, coordinate mask, presence, presence mask. A channel whose point is not
+    labelled, or lies too far from this slice to be seen, is masked out rather than its study dropped.
+    """
+    targets = keras.ops.cast(targets, "float32")
+    coordinate_mask, presence_mask = targets[..., 2], targets[..., 4]
+    error = keras.ops.sum(keras.ops.abs(outputs[..., :2] - targets[..., :2]), axis=-1)
+    coordinates = keras.ops.sum(error * coordinate_mask, axis=-1) / keras.ops.maximum(
+        keras.ops.sum(coordinate_mask, axis=-1), 1.0
+    )
+    logits, presence = outputs[..., 2], targets[..., 3]
+    cross_entropy = (
+        keras.ops.maximum(logits, 0) - logits * presence + keras.ops.log1p(keras.ops.exp(-keras.ops.abs(logits)))
+    )
+    presences = keras.ops.sum(cross_entropy * presence_mask, axis=-1) / keras.ops.maximum(
+        keras.ops.sum(presence_mask, axis=-1), 1.0
+    )
+    return COORDINATE_LOSS_WEIGHT * coordinates + presences
 
 
 def load_saved_model(path):
@@ -1590,6 +1947,360 @@ def predict_probabilities(model, image_paths, options, skip_bad_images=False):
     return probabilities[predicted], predicted
 
 
+# -- the level localiser ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocaliserStudy:
+    """One study as the localiser sees it: a volume per sagittal kind, every axial stack, and its label points."""
+
+    study_id: str
+    volumes: dict  # kind → [Volume, ...]: canal and foramen hold their series' main stack, recess every axial one.
+    points: dict = field(default_factory=dict)  # (condition, level) → world point; only for labelled studies.
+    labels: dict = field(default_factory=dict)  # (condition, level) → (volume, index) of the labelled slice.
+
+
+def read_localiser_study(images_dir, study_id, series_by_kind, image_size, coordinates=None):
+    """Read a study's series for the localiser; with coordinates (its label rows), place its points in the world.
+
+    The first series of each sagittal kind is read (its largest stack); every stack of every axial series is.
+    """
+    volumes = {}
+    for kind, series_ids in series_by_kind.items():
+        for series_id in series_ids if kind == "recess" else series_ids[:1]:
+            stacks = read_stacks(images_dir / study_id / series_id)
+            for stack in stacks if kind == "recess" else stacks[:1]:
+                volume = read_volume(stack, image_size)
+                if volume is not None:
+                    volumes.setdefault(kind, []).append(volume)
+    study = LocaliserStudy(study_id, volumes)
+    if coordinates is not None:
+        slices = {
+            (volume.stack.series_id, header.instance_number): (volume, index)
+            for kind_volumes in volumes.values()
+            for volume in kind_volumes
+            for index, header in enumerate(volume.stack.slices)
+        }
+        for row in coordinates.itertuples(index=False):
+            found = slices.get((row.series_id, int(row.instance_number)))
+            if found:
+                key = condition_and_level(row.row_id)
+                study.points[key] = found[0].stack.pixel_to_world(found[1], row.x, row.y)
+                study.labels[key] = found
+    return study
+
+
+def condition_and_level(row_id):
+    """(condition, level) of a competition row_id "{study_id}_{condition}_{level}"; levels hold one "_" too."""
+    location = row_id.split("_", 1)[1]
+    return location[: -len("_l1_l2")], location[-len("l1_l2") :]
+
+
+def channel_candidates(study, channel):
+    """The labelled world points a channel may stand for: a canal or foramen level's (both sides), or one side's
+    recess at every level."""
+    condition, level = LOCALISER_CHANNELS[channel]
+    if condition == "neural_foraminal_narrowing":
+        keys = [(f"{side}_{condition}", level) for side in ("left", "right")]
+    elif level is None:
+        keys = [(condition, each) for each in LEVELS]
+    else:
+        keys = [(condition, level)]
+    return [study.points[key] for key in keys if key in study.points]
+
+
+def slice_targets(study, kind, volume, index):
+    """The localiser's targets for one slice: (channels, 5) = x, y, coordinate mask, presence, presence mask.
+
+    A point counts as present on the slice nearest to it (within one slice spacing); its coordinates are taught
+    on every slice within 1.5 spacings, where it is still in view.
+    """
+    targets = np.zeros((len(LOCALISER_CHANNELS), 5), np.float32)
+    stack = volume.stack
+    spacing = abs(stack.slice_spacing) or 3.0
+    rows, columns = stack.shape
+    for channel in KIND_CHANNELS[kind]:
+        candidates = channel_candidates(study, channel)
+        if not candidates:
+            continue  # Unlabelled here: neither its position nor its absence is known.
+        distances = [abs(stack.plane_distances(point)[index]) for point in candidates]
+        point = candidates[int(np.argmin(distances))]
+        x, y, distance = stack.world_to_pixel(point, index)
+        nearest = int(np.argmin(np.abs(stack.plane_distances(point))))
+        targets[channel, 3] = float(nearest == index and abs(distance) <= spacing)
+        targets[channel, 4] = 1.0
+        if abs(distance) <= 1.5 * spacing and stack.contains(x, y):
+            targets[channel, :3] = ((x + 0.5) / columns, (y + 0.5) / rows, 1.0)
+    return targets
+
+
+def augment_localiser_sample(image, targets, kind, seed, augmentation):
+    """ImageDataGenerator-style affine augmentation that moves the points with the image; an axial slice may also
+    be flipped left to right, which swaps the patient's left and right, and so the two recess channels."""
+    size = image.shape[0]
+    parameters = random_transform(image.shape, seed, augmentation)
+    matrix = np.vstack([affine_matrix(parameters, size, size), [0, 0, 1]])
+    image = cv2.warpAffine(
+        image,
+        matrix[:2],
+        (size, size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    targets = targets.copy()
+    pixels = np.c_[targets[:, :2] * size - 0.5, np.ones(len(targets))]
+    moved = pixels @ np.linalg.inv(matrix).T  # The warp maps output pixels to input ones; points go the other way.
+    targets[:, :2] = (moved[:, :2] + 0.5) / size
+    outside = ((targets[:, :2] < 0) | (targets[:, :2] > 1)).any(axis=1)
+    targets[outside, 2] = 0.0
+    if kind == "recess" and np.random.default_rng(seed).random() < 0.5:
+        image = image[:, ::-1]
+        targets[:, 0] = 1.0 - targets[:, 0]
+        left, right = KIND_CHANNELS["recess"]
+        targets[[left, right]] = targets[[right, left]]
+    return np.ascontiguousarray(image), targets
+
+
+def localiser_input(images):
+    """uint8 slice triplets → the ResNet50 input, as the severity model's (caffe-mode preprocess_input)."""
+    return keras.applications.resnet50.preprocess_input(np.asarray(images, np.float32))
+
+
+class LocaliserBatches(keras.utils.PyDataset):
+    """Training slices for the localiser: each epoch, one per study and series kind it has labels for, shuffled.
+
+    Half are drawn at or next to a labelled slice and half anywhere in the stack, so the presence head sees both.
+    With augment, the slices are warped and the points move with them (augment_localiser_sample).
+    """
+
+    def __init__(self, studies, batch_size, seed=0, augment=False, augmentation=None, workers=1):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
+        self.items = [
+            (number, kind)
+            for number, study in enumerate(studies)
+            for kind in study.volumes
+            if any(condition_kind(condition) == kind for condition, _ in study.points)
+        ]
+        self.studies, self.batch_size, self.seed = studies, batch_size, seed
+        self.augment, self.augmentation = augment, augmentation
+        # The slices a labelled point is present on, per item: drawn from half the time.
+        self.labelled = [
+            [
+                (volume, index)
+                for volume in studies[number].volumes[kind]
+                for index in range(len(volume.images))
+                if slice_targets(studies[number], kind, volume, index)[:, 3].any()
+            ]
+            for number, kind in self.items
+        ]
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch):
+        self.epoch = epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+        self.order = order if self.augment else np.arange(len(self.items))
+
+    def __len__(self):
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def sample(self, item):
+        """One (slice triplet, targets); the slice is drawn from a generator unique to (seed, epoch, item)."""
+        number, kind = self.items[item]
+        study = self.studies[number]
+        rng = np.random.default_rng([self.seed, self.epoch if self.augment else 0, item])
+        labelled = self.labelled[item]
+        if labelled and rng.random() < 0.5:
+            volume, index = labelled[rng.integers(len(labelled))]
+            index = int(np.clip(index + rng.choice([-1, 0, 0, 0, 1]), 0, len(volume.images) - 1))
+        else:
+            volume = study.volumes[kind][rng.integers(len(study.volumes[kind]))]
+            index = int(rng.integers(len(volume.images)))
+        image, targets = triplet(volume, index), slice_targets(study, kind, volume, index)
+        if self.augment:
+            image, targets = augment_localiser_sample(image, targets, kind, int(rng.integers(2**31)), self.augmentation)
+        return image, targets
+
+    def __getitem__(self, index):
+        samples = [self.sample(item) for item in self.order[index * self.batch_size : (index + 1) * self.batch_size]]
+        return localiser_input([image for image, _ in samples]), np.stack([targets for _, targets in samples])
+
+    def on_epoch_end(self):
+        self.start_epoch(self.epoch + 1)
+
+
+def condition_kind(condition):
+    """The series kind a condition is labelled on."""
+    return CONDITION_KIND[condition]
+
+
+def train_localiser(studies, settings, options):
+    """Train the localiser on labelled studies from its settings; returns the model, BatchNormalization
+    recalibrated on unaugmented training slices."""
+    from_scratch = is_from_scratch(settings)
+    weights, _ = resolve_weights(settings.weights)
+    batches = LocaliserBatches(studies, settings.batch_size, options.seed, True, settings.augmentation, options.workers)
+    statistics = LocaliserBatches(studies, settings.batch_size, options.seed + 1, False, None, options.workers)
+    model = build_localiser(settings.image_size, weights, from_scratch)
+    steps = len(batches) * settings.epochs
+    warmup = max(1, min(len(batches), steps // 4))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        settings.learning_rate / warmup,
+        steps - warmup,
+        alpha=0.1,
+        warmup_target=settings.learning_rate,
+        warmup_steps=warmup,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=localiser_loss)
+    print(
+        f"localiser: {len(studies)} studies, {len(batches.items)} slices an epoch, {settings.epochs} epochs at "
+        f"{settings.image_size} px, learning rate {settings.learning_rate:g} (warm-up, then cosine decay)"
+    )
+    model.fit(
+        batches,
+        epochs=settings.epochs,
+        shuffle=False,
+        verbose=1 if sys.stdout.isatty() else 2,
+        callbacks=[StopOnInterrupt()],
+    )
+    if learning_batch_normalizations(model):
+        recalibrate_batch_normalization(model, statistics)
+    return model
+
+
+def predict_slices(model, volume, indices):
+    """The localiser's output (len(indices), channels, 3) for some slices of a volume, logits made probabilities."""
+    outputs = model.predict_on_batch(localiser_input([triplet(volume, index) for index in indices]))
+    outputs = np.asarray(outputs, np.float64)
+    outputs[..., 2] = 1.0 / (1.0 + np.exp(-outputs[..., 2]))
+    return outputs
+
+
+@dataclass(frozen=True)
+class LocalisedPoint:
+    """One found point, in train_label_coordinates.csv's terms plus its world position."""
+
+    condition: str
+    level: str
+    volume: Volume
+    index: int
+    x: float  # pixels of the original slice
+    y: float
+    score: float  # the presence probability (sagittal) or 1 - distance / AXIAL_MATCH_MM (axial)
+
+    @property
+    def world(self):
+        return self.volume.stack.pixel_to_world(self.index, self.x, self.y)
+
+    def row(self, study_id):
+        header = self.volume.stack.slices[self.index]
+        return {
+            "study_id": study_id,
+            "series_id": self.volume.stack.series_id,
+            "instance_number": header.instance_number,
+            "condition": self.condition.replace("_", " ").title(),
+            "level": self.level.upper().replace("_", "/"),
+            "x": round(self.x, 2),
+            "y": round(self.y, 2),
+        }
+
+
+def point_on(volume, index, output, channel, condition, level):
+    """A LocalisedPoint from one slice's output channel, in the slice's own pixels."""
+    rows, columns = volume.stack.shape
+    x, y, presence = output[channel]
+    return LocalisedPoint(condition, level, volume, index, x * columns - 0.5, y * rows - 0.5, float(presence))
+
+
+def localise_sagittal(model, study):
+    """The canal points (Sagittal T2/STIR) and the foramina (Sagittal T1): every slice is run, and each level's
+    point goes on the slice where its presence is highest; for a foramen, once on each side of the midline."""
+    found = []
+    if "canal" in study.volumes:
+        volume = study.volumes["canal"][0]
+        outputs = predict_slices(model, volume, range(len(volume.images)))
+        for channel, level in zip(KIND_CHANNELS["canal"], LEVELS):
+            index = int(np.argmax(outputs[:, channel, 2]))
+            found.append(point_on(volume, index, outputs[index], channel, "spinal_canal_stenosis", level))
+    if "foramen" in study.volumes:
+        volume = study.volumes["foramen"][0]
+        outputs = predict_slices(model, volume, range(len(volume.images)))
+        stack = volume.stack
+        rows, columns = stack.shape
+        slice_x = np.array(
+            [stack.pixel_to_world(index, columns / 2, rows / 2)[0] for index in range(len(stack.slices))]
+        )
+        canal = [point.world[0] for point in found]
+        # The midline: the canal's, seen on T2, else the middle of the T1 stack. +x is the patient's left.
+        midline = float(np.median(canal)) if canal else float(np.median(slice_x))
+        for side, on_side in (("left", slice_x > midline), ("right", slice_x <= midline)):
+            if not on_side.any():
+                continue
+            candidates = np.flatnonzero(on_side)
+            for channel, level in zip(KIND_CHANNELS["foramen"], LEVELS):
+                index = int(candidates[np.argmax(outputs[candidates, channel, 2])])
+                condition = f"{side}_neural_foraminal_narrowing"
+                found.append(point_on(volume, index, outputs[index], channel, condition, level))
+    return found
+
+
+def level_points(sagittal):
+    """Each level's world point for matching axial slices: its canal point, else the middle of its foramina."""
+    points = {}
+    for level in LEVELS:
+        canal = [
+            point.world for point in sagittal if point.level == level and point.condition == "spinal_canal_stenosis"
+        ]
+        foramina = [point.world for point in sagittal if point.level == level and "foraminal" in point.condition]
+        if canal:
+            points[level] = canal[0]
+        elif foramina:
+            points[level] = np.mean(foramina, axis=0)
+    return points
+
+
+def match_axial_slices(volumes, points):
+    """{level: (volume, index, distance)}: each level's nearest axial slice, across all axial stacks and series.
+
+    Every slice first goes to the level whose point is nearest to its plane, so neighbouring levels never share a
+    slice (the boundary is their midpoint); a level then takes its nearest slice, if within AXIAL_MATCH_MM.
+    """
+    if not points:
+        return {}
+    levels = list(points)
+    best = {}
+    for volume in volumes:
+        stack = volume.stack
+        distances = np.stack([stack.plane_distances(points[level]) for level in levels], axis=1)  # (slices, levels)
+        owners = np.argmin(np.abs(distances), axis=1)
+        for index, owner in enumerate(owners):
+            level, distance = levels[owner], abs(distances[index, owner])
+            x, y, _ = stack.world_to_pixel(points[level], index)
+            if distance <= AXIAL_MATCH_MM and stack.contains(x, y):
+                if level not in best or distance < best[level][2]:
+                    best[level] = (volume, index, distance)
+    return best
+
+
+def localise_axial(model, study, sagittal):
+    """The left and right recess points on each level's matched axial slice."""
+    matches = match_axial_slices(study.volumes.get("recess", []), level_points(sagittal))
+    found = []
+    left, right = KIND_CHANNELS["recess"]
+    for level, (volume, index, distance) in matches.items():
+        output = predict_slices(model, volume, [index])[0]
+        for channel, side in ((left, "left"), (right, "right")):
+            point = point_on(volume, index, output, channel, f"{side}_subarticular_stenosis", level)
+            found.append(replace(point, score=1.0 - distance / AXIAL_MATCH_MM))
+    return found
+
+
+def localise_study(model, study):
+    """Every point of a study the localiser can place: up to 25, fewer where a series is missing."""
+    sagittal = localise_sagittal(model, study)
+    return sagittal + localise_axial(model, study, sagittal)
+
+
 # == 9. metric and report ==============================================================================================
 
 # The competition metric: a class-weighted log loss per condition group, plus a per-study "any severe
@@ -1989,6 +2700,7 @@ class TrainingRun:
     policy: str
     output_dir: Path
     fold_count: int
+    localisation: dict | None = None  # The level localiser's validation metrics, when this run trained it.
 
     @property
     def resume_dir(self):
@@ -2057,12 +2769,16 @@ def write_training_outputs(run, results, constants, weights_source):
         oof = np.concatenate([result.validation_probabilities for result in results])
         metrics = evaluate(row_ids, labels, oof, constant_predictions(row_ids, constants))
         print_report(metrics)
+        if run.localisation:
+            metrics["localisation"] = run.localisation
         artifacts["oof"] = write_csv(probabilities_frame(row_ids, oof), output_dir / "oof.csv")
         artifacts["metrics"] = write_json(metrics, output_dir / "metrics.json")
         artifacts.update(save_plots(history, metrics, output_dir))
     else:
         print("\nno validation rows (--val-fraction 0): the model is the last epoch's and nothing is scored.")
     config = run_config(run.options, run.settings, weights_source, constants)
+    if run.localisation is not None and (output_dir / "localiser.keras").is_file():
+        config["localiser_model"] = localiser_model(run.options).recorded()
     artifacts["config"] = write_json(config, output_dir / "config.json")
     test_probabilities = np.mean([result.test_probabilities for result in results], axis=0)
     probabilities = fill_rows_without_image(run.test_table, test_probabilities, constants)
@@ -2070,8 +2786,10 @@ def write_training_outputs(run, results, constants, weights_source):
     return artifacts
 
 
-def train(options):
-    """The whole job: validate, train and validate each fold, report, predict the test set, write the outputs."""
+def train(options, localisation=None):
+    """The whole job: validate, train and validate each fold, report, predict the test set, write the outputs.
+
+    localisation: the level localiser's metrics, when it was trained for this run (prepare_for_run)."""
     started = time.time()
     settings = severity_model(options)
     table = load_train_table(options.data_dir, options.skip_bad_images)
@@ -2082,7 +2800,9 @@ def train(options):
     policy = choose_precision(options.precision)
     output_dir = prepare_output_dir(options.output_dir if is_chief(strategy) else tempfile.mkdtemp())
     refuse_low_disk(output_dir, settings, len(folds))
-    run = TrainingRun(table, test_table, settings, options, weights, strategy, policy, output_dir, len(folds))
+    run = TrainingRun(
+        table, test_table, settings, options, weights, strategy, policy, output_dir, len(folds), localisation
+    )
     open_run_state(run.resume_dir, options, settings)
     keras.utils.set_random_seed(options.seed)
     print_start_summary(options.data_dir, table, test_table, weights_source)
@@ -2138,15 +2858,200 @@ def is_competition_layout(data_dir):
     ).is_file()
 
 
-def prepare_for_run(competition_dir, output_dir, command):
-    """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick)."""
+COORDINATE_COLUMNS = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+
+
+def read_series_descriptions(competition_dir, split):
+    """A split's series descriptions, checked for the columns the localiser needs."""
+    return read_competition_csv(
+        competition_dir / f"{split}_series_descriptions.csv", ["study_id", "series_id", "series_description"]
+    )
+
+
+def read_localiser_studies(competition_dir, split, study_ids, image_size, coordinates=None, workers=WORKERS):
+    """The localiser's view of some studies of a split, read on a thread pool; studies without any series it reads
+    are left out."""
+    series = study_series(read_series_descriptions(competition_dir, split))
+    study_ids = [study_id for study_id in study_ids if study_id in series]
+    by_study = dict(tuple(coordinates.groupby("study_id"))) if coordinates is not None else {}
+
+    def read(study_id):
+        labels = by_study.get(study_id, coordinates.iloc[:0]) if coordinates is not None else None
+        return read_localiser_study(competition_dir / f"{split}_images", study_id, series[study_id], image_size, labels)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
+        return [study for study in executor.map(read, study_ids) if study.volumes]
+
+
+def localise_studies(model, studies):
+    """Localise every study, printing progress; returns {study_id: [LocalisedPoint, ...]}."""
+    found, started = {}, time.time()
+    for number, study in enumerate(studies, start=1):
+        found[study.study_id] = localise_study(model, study)
+        if number == len(studies) or number % max(1, len(studies) // 10) == 0:
+            print(f"localised {number}/{len(studies)} studies ({time.time() - started:.0f} s)", flush=True)
+    return found
+
+
+def localised_rows(found):
+    """The found points in train_label_coordinates.csv's format."""
+    rows = [point.row(study_id) for study_id, points in found.items() for point in points]
+    return pd.DataFrame(rows, columns=COORDINATE_COLUMNS)
+
+
+def localise_split(model_path, competition_dir, split, out_path, workers=WORKERS):
+    """Find the points of every study in a competition split and write them as a coordinates CSV; returns the path.
+
+    Counts the (study, condition, level) rows it could not place, which keep their best constant downstream."""
+    model = load_localiser(model_path)
+    study_ids = sorted(study_series(read_series_descriptions(competition_dir, split)))
+    print(f"localising {len(study_ids)} {split} studies in {competition_dir} with {model_path}")
+    studies = read_localiser_studies(competition_dir, split, study_ids, model.input_shape[1], workers=workers)
+    rows = localised_rows(localise_studies(model, studies))
+    write_csv(rows, out_path)
+    unplaced = len(study_ids) * len(WIDE_LABEL_COLUMNS) - len(rows)
+    print(
+        f"wrote {len(rows):,} points to {out_path}; {unplaced:,} condition-levels could not be placed "
+        f"(a study without that series, or no axial slice within {AXIAL_MATCH_MM:g} mm)."
+    )
+    keras.backend.clear_session()
+    return out_path
+
+
+def load_localiser(path):
+    """A saved localiser (.keras), in safe mode; refused clearly if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--localiser {path}: file not found. Train one with --data-dir COMPETITION.")
+    model = load_saved_model(path)
+    if model.name != "level_localiser":
+        raise InputError(f"{path}: is a {model.name} model, not the level localiser (localiser.keras).")
+    return model
+
+
+def localisation_metrics(found, studies):
+    """Localisation error on labelled studies, by condition group: the points' distance in mm, how many land
+    within 5 and 10 mm, level swaps (a point nearer another level's true point than its own), and slices within
+    one instance of the labelled one (in the labelled series)."""
+    rows = []
+    for study in studies:
+        truth = {key: point for key, point in study.points.items()}
+        slices = {
+            key: (volume.stack.series_id, volume.stack.slices[index].instance_number)
+            for key in study.labels
+            for volume, index in [study.labels[key]]
+        }
+        for point in found.get(study.study_id, []):
+            key = (point.condition, point.level)
+            if key not in truth:
+                continue
+            distance = float(np.linalg.norm(point.world - truth[key]))
+            others = [
+                np.linalg.norm(point.world - truth[(point.condition, level)])
+                for level in LEVELS
+                if level != point.level and (point.condition, level) in truth
+            ]
+            series_id, instance = slices[key]
+            header = point.volume.stack.slices[point.index]
+            rows.append(
+                {
+                    "group": CONDITION_GROUPS[next(group for group in CONDITION_GROUPS if group in point.condition)],
+                    "mm": distance,
+                    "swap": bool(others) and min(others) < distance,
+                    "slice": point.volume.stack.series_id == series_id and abs(header.instance_number - instance) <= 1,
+                }
+            )
+    table = pd.DataFrame(rows, columns=["group", "mm", "swap", "slice"])
+    metrics = {}
+    for group, part in table.groupby("group", sort=False):
+        metrics[group] = {
+            "points": len(part),
+            "median_mm": float(part["mm"].median()),
+            "p90_mm": float(np.percentile(part["mm"], 90)),
+            "within_5mm": float((part["mm"] <= 5).mean()),
+            "within_10mm": float((part["mm"] <= 10).mean()),
+            "level_swaps": float(part["swap"].mean()),
+            "slice_within_one": float(part["slice"].mean()),
+        }
+    return metrics
+
+
+def print_localisation(metrics, studies):
+    print(f"\nlocalisation on {studies} validation studies (whole studies held out from the localiser)")
+    print(f"  {'group':<14}{'points':>7}{'median':>9}{'p90':>8}{'≤5 mm':>8}{'≤10 mm':>8}{'swaps':>7}{'slice±1':>9}")
+    for group, row in metrics.items():
+        print(
+            f"  {group:<14}{row['points']:>7}{row['median_mm']:>7.1f}mm{row['p90_mm']:>6.1f}mm"
+            f"{row['within_5mm']:>8.0%}{row['within_10mm']:>8.0%}{row['level_swaps']:>7.0%}"
+            f"{row['slice_within_one']:>9.0%}"
+        )
+
+
+def train_localiser_for_run(competition_dir, prepared, output_dir, options):
+    """Train the localiser on the training studies of the severity split, measure it on the validation studies,
+    and save it as OUTPUT/localiser.keras; returns (its path, the localisation metrics)."""
+    settings = localiser_model(options)
+    table = load_train_table(prepared)
+    validation = set()
+    if options.val_fraction > 0 or options.folds > 1:
+        _, validation_rows = split_folds(table, options.folds, options.val_fraction, options.seed)[0]
+        validation = set(study_ids(table["row_id"][validation_rows]))
+    coordinates = read_coordinates(competition_dir / "train_label_coordinates.csv")
+    labelled = sorted(set(coordinates["study_id"]))
+    keras.utils.set_random_seed(options.seed)
+    size = settings.image_size
+    training = read_localiser_studies(
+        competition_dir, "train", [s for s in labelled if s not in validation], size, coordinates, options.workers
+    )
+    if not training:
+        raise InputError(
+            f"{competition_dir}: no training study has a series the localiser reads (Sagittal T1, "
+            "Sagittal T2/STIR, Axial T2). Check train_series_descriptions.csv."
+        )
+    model = train_localiser(training, settings, options)
+    path = output_dir / "localiser.keras"
+    write_atomically(path, model.save)
+    metrics = {}
+    if validation:
+        held_out = read_localiser_studies(
+            competition_dir, "train", sorted(validation), size, coordinates, options.workers
+        )
+        metrics = localisation_metrics(localise_studies(model, held_out), held_out)
+        print_localisation(metrics, len(held_out))
+    keras.backend.clear_session()
+    return path, metrics
+
+
+def prepare_for_run(competition_dir, options, command):
+    """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick).
+
+    Training also trains the level localiser (unless --localiser-epochs 0); the test studies, which have no label
+    coordinates, then get crops at the points it finds. Returns (the prepared folder, the localisation metrics).
+    """
+    output_dir = options.output_dir
     prepared = output_dir / "prepared"
     print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
-    splits = (["train"] if command == "train" else []) + ["test"]
-    for split in splits:
-        if (competition_dir / f"{split}_series_descriptions.csv").is_file():
-            print_prepare_summary(prepare_competition(competition_dir, prepared, split))
-    return prepared
+    localiser, metrics = None, {}
+    if command == "train" and (competition_dir / "train_series_descriptions.csv").is_file():
+        severity_model(options)  # Its settings are checked now, not after the localiser has trained.
+        print_prepare_summary(prepare_competition(competition_dir, prepared, "train", workers=options.workers))
+        if options.localiser_epochs > 0:
+            prepare_output_dir(output_dir)
+            localiser, metrics = train_localiser_for_run(competition_dir, prepared, output_dir, options)
+    elif command == "predict":
+        beside_model = options.model[0].parent / "localiser.keras"
+        localiser = options.localiser or (beside_model if beside_model.is_file() else None)
+    if (competition_dir / "test_series_descriptions.csv").is_file():
+        coordinates = None
+        if localiser is not None:
+            coordinates = localise_split(
+                localiser, competition_dir, "test", prepared / "test_coordinates.csv", options.workers
+            )
+            shutil.rmtree(prepared / "images" / "test", ignore_errors=True)  # Crops of an earlier localiser's points.
+        print_prepare_summary(
+            prepare_competition(competition_dir, prepared, "test", coordinates, workers=options.workers)
+        )
+    return prepared, metrics
 
 
 def prepare_competition(
@@ -2273,7 +3178,7 @@ def resolve_output_dir(option):
     return KAGGLE_ROOT / "working" if on_kaggle() else Path(".")
 
 
-COMMANDS = ("train", "predict", "score", "prepare")
+COMMANDS = ("train", "predict", "score", "prepare", "localise")
 
 
 def integer_at_least(minimum, reason=""):
@@ -2348,7 +3253,7 @@ def build_parser(command):
     parser = argparse.ArgumentParser(
         prog=program,
         description=__doc__.split("\n\n")[1] if command == "train" else None,
-        epilog="Other commands: predict, score, prepare (see `python script.py COMMAND --help`)."
+        epilog="Other commands: predict, score, prepare, localise (see `python script.py COMMAND --help`)."
         if command == "train"
         else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -2437,6 +3342,19 @@ def build_parser(command):
             action="store_true",
             help="drop training rows whose image is missing or cannot be decoded (counted), instead of stopping",
         )
+        parser.add_argument(
+            "--localiser-epochs",
+            type=non_negative_int,
+            default=LOCALISER_EPOCHS,
+            help="with a competition folder, the level localiser's epochs (one slice per study and series kind "
+            "each); 0 trains none, and test rows keep their best constant (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--localiser-image-size",
+            type=pixels_at_least_32,
+            default=LOCALISER_IMAGE_SIZE,
+            help="the localiser's input, pixels, square (default: %(default)s)",
+        )
     elif command == "predict":
         add_common_options(parser)
         parser.add_argument(
@@ -2446,6 +3364,20 @@ def build_parser(command):
             type=Path,
             help="saved model(s) (.keras); several are averaged, as a K-fold run's are",
         )
+        parser.add_argument(
+            "--localiser",
+            type=Path,
+            help="with a competition folder, the level localiser that places the test points (default: "
+            "localiser.keras beside the first --model, if there is one)",
+        )
+    elif command == "localise":
+        parser.add_argument("--model", required=True, type=Path, help="the level localiser (localiser.keras)")
+        parser.add_argument("--competition-dir", required=True, type=Path, help="the competition's folder")
+        parser.add_argument("--split", choices=("train", "test"), default="test", help="(default: %(default)s)")
+        parser.add_argument(
+            "--out", required=True, type=Path, help="the CSV to write, in train_label_coordinates.csv's format"
+        )
+        parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads (default: %(default)s)")
     elif command == "prepare":
         parser.add_argument(
             "--competition-dir",
@@ -2458,8 +3390,11 @@ def build_parser(command):
         parser.add_argument(
             "--coordinates",
             type=Path,
-            help="label coordinates CSV (default: train_label_coordinates.csv for train; none for test, "
-            "so test rows get an empty image_path)",
+            help="label coordinates CSV (default: train_label_coordinates.csv for train; for test, the points "
+            "--localiser finds, else none, so test rows get an empty image_path)",
+        )
+        parser.add_argument(
+            "--localiser", type=Path, help="with --split test and no --coordinates: the level localiser to place them"
         )
         parser.add_argument(
             "--crop-mm", type=float, default=PREPARE_CROP_MM, help="crop side in millimetres (default: %(default)s)"
@@ -2506,19 +3441,27 @@ def run_command(command, options):
     if command in ("train", "predict"):
         options.data_dir = resolve_data_dir(options.data_dir, command)
         options.output_dir = resolve_output_dir(options.output_dir)
+    localisation = {}
     if command in ("train", "predict") and is_competition_layout(options.data_dir):
-        options.data_dir = prepare_for_run(options.data_dir, options.output_dir, command)
+        options.data_dir, localisation = prepare_for_run(options.data_dir, options, command)
     if command == "train":
-        return train(options)
+        return train(options, localisation)
+    if command == "localise":
+        localise_split(options.model, options.competition_dir, options.split, options.out, options.workers)
+        return 0
     if command == "predict":
         return predict(options)
     if command == "prepare":
+        coordinates = options.coordinates
+        if coordinates is None and options.localiser is not None and options.split == "test":
+            coordinates = options.out_dir / "test_coordinates.csv"
+            localise_split(options.localiser, options.competition_dir, "test", coordinates, options.workers)
         print_prepare_summary(
             prepare_competition(
                 options.competition_dir,
                 options.out_dir,
                 options.split,
-                options.coordinates,
+                coordinates,
                 options.crop_mm,
                 options.crop_pixels,
                 options.workers,

@@ -1,0 +1,138 @@
+"""
+Level-localiser benchmark: the time for one hidden-test study from its DICOM files to its 25 predictions (read the
+series, localise, crop, classify) at the default sizes, and the localiser's training time per study and epoch,
+against the naive design in the same run.
+
+    python benchmarks/localiser.py                  # 4 synthetic studies at their natural sizes; about 3 minutes
+    python benchmarks/localiser.py --studies 8
+
+Ours: every sagittal slice runs through the localiser once (presence picks the slice), and each level's axial slice
+is matched by geometry, so the axial series cost one pass per level. Naive: the localiser runs on every slice of
+every series, axial ones included, and picks each axial point by presence alone. Both use untrained models, which
+cost the same as trained ones. Target: ≤ 5 s per study on 2 cores. Writes benchmarks/localiser_results.json.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+sys.path.insert(0, str(REPOSITORY / "tests"))
+
+import anatomy_synthetic  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import script  # noqa: E402
+
+RESULTS = REPOSITORY / "benchmarks" / "localiser_results.json"
+TARGET_SECONDS = 5.0
+
+
+def parse_arguments():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--studies", type=int, default=4, help="synthetic test studies to time (default: 4)")
+    parser.add_argument("--repeats", type=int, default=1, help="passes over the studies (default: 1)")
+    return parser.parse_args()
+
+
+def crop_and_classify(model, study, points, images_dir, work_dir):
+    """Cut the 25 crops at the found points (as prepare does) and grade them (as predict does)."""
+    rows = pd.DataFrame([point.row(study.study_id) for point in points])
+    rows["row_id"] = [f"{study.study_id}_{point.condition}_{point.level}" for point in points]
+    tasks = script.crop_tasks(rows.astype({"series_id": str, "study_id": str}), images_dir, work_dir)
+    for task in tasks:
+        script.crop_series(task, script.PREPARE_CROP_MM, script.PREPARE_CROP_PIXELS)
+    paths = [str(work_dir / f"{row_id}.png") for row_id in rows["row_id"]]
+    batches = script.ImageBatches(paths, model.input_shape[1], 32, workers=2)
+    return model.predict(batches, verbose=0)
+
+
+def naive_localise(localiser, study):
+    """Every slice of every series through the localiser; each point on its highest-presence slice."""
+    found = []
+    for kind, volumes in study.volumes.items():
+        for volume in volumes:
+            outputs = script.predict_slices(localiser, volume, range(len(volume.images)))
+            for channel in script.KIND_CHANNELS[kind]:
+                index = int(np.argmax(outputs[:, channel, 2]))
+                found.append(script.point_on(volume, index, outputs[index], channel, "naive", "l1_l2"))
+    return found
+
+
+def time_studies(localiser, severity, root, study_ids, image_size, design):
+    series = script.study_series(script.read_series_descriptions(root, "test"))
+    seconds = []
+    for study_id in study_ids:
+        work_dir = root / "crops" / f"{design}-{study_id}-{time.perf_counter_ns()}"
+        work_dir.mkdir(parents=True)
+        started = time.perf_counter()
+        study = script.read_localiser_study(root / "test_images", study_id, series[study_id], image_size)
+        if design == "ours":
+            points = script.localise_study(localiser, study)
+            crop_and_classify(severity, study, points, root / "test_images", work_dir)
+        else:
+            points = naive_localise(localiser, study)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main():
+    options = parse_arguments()
+    root = Path(tempfile.mkdtemp(prefix="localiser-bench-"))
+    competition = anatomy_synthetic.write_anatomical_competition(root / "competition", 1, options.studies, seed=11)
+    root = competition.root
+    size = script.LOCALISER_IMAGE_SIZE
+    localiser = script.build_localiser(size, None, from_scratch=True)
+    severity = script.build_model(script.IMAGE_SIZE, None, from_scratch=True)
+    study_ids = [str(study_id) for study_id in competition.test_study_ids]
+    time_studies(localiser, severity, root, study_ids[:1], size, "ours")  # Warm-up: tracing, caches.
+    time_studies(localiser, severity, root, study_ids[:1], size, "naive")
+    results = {"ours": [], "naive": []}
+    for _ in range(options.repeats):
+        for design in results:
+            results[design] += time_studies(localiser, severity, root, study_ids, size, design)
+
+    # Training cost: one epoch on the study set (one slice per study and series kind), after a warm-up epoch.
+    coordinates = script.read_coordinates(root / "train_label_coordinates.csv")
+    train_series = script.study_series(script.read_series_descriptions(root, "train"))
+    studies = [
+        script.read_localiser_study(
+            root / "train_images",
+            study_id,
+            train_series[study_id],
+            size,
+            coordinates[coordinates["study_id"] == study_id],
+        )
+        for study_id in sorted(train_series)
+    ] * 8
+    batches = script.LocaliserBatches(studies, script.LOCALISER_BATCH_SIZE, 0, True, script.LOCALISER_AUGMENTATION, 2)
+    localiser.compile(optimizer="adam", loss=script.localiser_loss)
+    localiser.fit(batches, epochs=1, verbose=0)
+    started = time.perf_counter()
+    localiser.fit(batches, epochs=1, verbose=0)
+    per_slice = (time.perf_counter() - started) / len(batches.items)
+
+    report = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {script.os.cpu_count()} cores",
+        "localiser_image_size": size,
+        "severity_image_size": script.IMAGE_SIZE,
+        "studies": len(study_ids),
+        "seconds_per_study": {design: float(np.median(values)) for design, values in results.items()},
+        "target_seconds_per_study": TARGET_SECONDS,
+        "training_seconds_per_slice": per_slice,
+        "training_seconds_per_epoch_of_80_studies": per_slice * 80 * 3,
+    }
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
