@@ -10,6 +10,8 @@ and writes a Kaggle `submission.csv`. Run it as `python script.py`, or paste it 
     python script.py predict --model model.keras      # submission from a saved model, no training
     python script.py score --solution S.csv --submission P.csv
     python script.py prepare --competition-dir DIR --out-dir OUT   # competition DICOMs → seed layout
+    python script.py --data-dir COMPETITION          # also trains the level localiser, crops the test studies
+    python script.py localise --model OUT/localiser.keras --competition-dir DIR --out points.csv
 
 The pipeline: validate the CSVs and every image up front; stream batches from disk with parallel workers
 (OpenCV read → 3 channels → resize → ImageDataGenerator-style augmentation with cv2.warpAffine →
@@ -28,13 +30,14 @@ Contents (each section starts with a banner `# == N. name ==`; `grep -n '^# == '
      1. config                  the defaults a user edits, one block per model, and each model's settings
      2. task facts              classes, conditions, levels, columns and the metric's weights, each stated once
      3. tables                  reading and checking the CSVs, atomic writes, labels, the study-grouped split
-     4. DICOM and geometry      reading DICOM slices and series, and their windowing
+     4. DICOM and geometry      DICOM slices, windowing, stacks sorted along their normal, pixel ↔ world, volumes
      5. crops                   cutting 2.5D crops around label points, one series at a time
      6. images and augmentation reading images, ImageDataGenerator-style augmentation, streaming batches
-     7. models                  weights, the ResNet50 model, unfreezing, learning rates, precise BatchNorm
-     8. fitting                 devices, resumable training state, callbacks, one fold's training, prediction
+     7. models                  weights, the severity model and the level localiser, learning rates, precise BatchNorm
+     8. fitting                 devices, resumable state, callbacks, one fold's training, prediction; the localiser's
+                                training data, training and decoding (sagittal presence, axial matching by level)
      9. metric and report       the official metric, best constants, the report and its plots, the submission
-    10. pipelines               train, predict, prepare and score, from inputs to written outputs
+    10. pipelines               train, predict, prepare, localise and score, from inputs to written outputs
     11. command line            Kaggle discovery, argparse, main
 """
 
@@ -1195,6 +1198,34 @@ def apply_transform(image, parameters, augmentation=None):
     return image[::-1] if parameters.get("flip_vertical") else image
 
 
+def augment_localiser_sample(image, targets, kind, seed, augmentation):
+    """ImageDataGenerator-style affine augmentation that moves the points with the image; an axial slice may also
+    be flipped left to right, which swaps the patient's left and right, and so the two recess channels."""
+    size = image.shape[0]
+    parameters = random_transform(image.shape, seed, augmentation)
+    matrix = np.vstack([affine_matrix(parameters, size, size), [0, 0, 1]])
+    image = cv2.warpAffine(
+        image,
+        matrix[:2],
+        (size, size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    targets = targets.copy()
+    pixels = np.c_[targets[:, :2] * size - 0.5, np.ones(len(targets))]
+    moved = pixels @ np.linalg.inv(matrix).T  # The warp maps output pixels to input ones; points go the other way.
+    targets[:, :2] = (moved[:, :2] + 0.5) / size
+    outside = ((targets[:, :2] < 0) | (targets[:, :2] > 1)).any(axis=1)
+    targets[outside, 2] = 0.0
+    if kind == "recess" and np.random.default_rng(seed).random() < 0.5:
+        image = image[:, ::-1]
+        targets[:, 0] = 1.0 - targets[:, 0]
+        left, right = KIND_CHANNELS["recess"]
+        targets[[left, right]] = targets[[right, left]]
+    return np.ascontiguousarray(image), targets
+
+
 class ImageBatches(keras.utils.PyDataset):
     """Streams batches from disk. Only paths and labels live in memory, so memory stays flat in dataset size.
 
@@ -2034,34 +2065,6 @@ def slice_targets(study, kind, volume, index):
     return targets
 
 
-def augment_localiser_sample(image, targets, kind, seed, augmentation):
-    """ImageDataGenerator-style affine augmentation that moves the points with the image; an axial slice may also
-    be flipped left to right, which swaps the patient's left and right, and so the two recess channels."""
-    size = image.shape[0]
-    parameters = random_transform(image.shape, seed, augmentation)
-    matrix = np.vstack([affine_matrix(parameters, size, size), [0, 0, 1]])
-    image = cv2.warpAffine(
-        image,
-        matrix[:2],
-        (size, size),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0,
-    )
-    targets = targets.copy()
-    pixels = np.c_[targets[:, :2] * size - 0.5, np.ones(len(targets))]
-    moved = pixels @ np.linalg.inv(matrix).T  # The warp maps output pixels to input ones; points go the other way.
-    targets[:, :2] = (moved[:, :2] + 0.5) / size
-    outside = ((targets[:, :2] < 0) | (targets[:, :2] > 1)).any(axis=1)
-    targets[outside, 2] = 0.0
-    if kind == "recess" and np.random.default_rng(seed).random() < 0.5:
-        image = image[:, ::-1]
-        targets[:, 0] = 1.0 - targets[:, 0]
-        left, right = KIND_CHANNELS["recess"]
-        targets[[left, right]] = targets[[right, left]]
-    return np.ascontiguousarray(image), targets
-
-
 def localiser_input(images):
     """uint8 slice triplets → the ResNet50 input, as the severity model's (caffe-mode preprocess_input)."""
     return keras.applications.resnet50.preprocess_input(np.asarray(images, np.float32))
@@ -2577,6 +2580,60 @@ def save_plots(history, metrics, output_dir):
     return paths
 
 
+def save_localisation_plot(found, studies, output_dir, count=3):
+    """localisation.png: a few validation studies' canal, foramen and axial slices with the labelled points (green)
+    and the found ones (red), also shown inline in a notebook; returns its path, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    if not in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    studies = [study for study in studies if study.labels][:count]
+    if not studies:
+        return None
+    figure, axes = plt.subplots(len(studies), 3, figsize=(10, 3.4 * len(studies)), squeeze=False)
+    for row, study in zip(axes, studies):
+        points = found.get(study.study_id, [])
+        for axis, kind in zip(row, ("canal", "foramen", "recess")):
+            axis.set_axis_off()
+            labelled = [(key, place) for key, place in study.labels.items() if CONDITION_KIND[key[0]] == kind]
+            if not labelled:
+                continue
+            volume, index = labelled[0][1]  # The first labelled slice of this kind, and every point on it.
+            size = volume.images.shape[1]
+            rows, columns = volume.stack.shape
+            axis.imshow(volume.images[index], cmap="gray")
+            for (condition, level), (other, other_index) in labelled:
+                if other is volume and other_index == index:
+                    x, y, _ = volume.stack.world_to_pixel(study.points[(condition, level)], index)
+                    axis.plot((x + 0.5) * size / columns - 0.5, (y + 0.5) * size / rows - 0.5, "o", color="lime", ms=4)
+            for point in points:
+                if point.volume is volume and point.index == index:
+                    axis.plot(
+                        (point.x + 0.5) * size / columns - 0.5,
+                        (point.y + 0.5) * size / rows - 0.5,
+                        "x",
+                        color="red",
+                        ms=5,
+                    )
+            axis.set_title(
+                f"{study.study_id} {kind}, instance {volume.stack.slices[index].instance_number}", fontsize="small"
+            )
+    figure.suptitle("validation: labelled (green) and found (red) points on the labelled slices", fontsize="small")
+    figure.tight_layout()
+    path = output_dir / "localisation.png"
+    write_atomically(path, figure.savefig)
+    if in_notebook():
+        from IPython.display import display
+
+        display(figure)
+    plt.close(figure)
+    return path
+
+
 def fill_rows_without_image(test_table, image_probabilities, constants):
     """All test rows' probabilities: the models' for rows with an image, the best constant for the rest."""
     has_image = test_table["image_path"].notna().to_numpy()
@@ -2627,15 +2684,20 @@ def run_config(options, settings, weights_source, constants):
         "severity_model": settings.recorded(),
         "weights_source": weights_source,
         "best_constants": {location: constant.tolist() for location, constant in constants.items()},
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-            "pandas": pd.__version__,
-            "opencv": cv2.__version__,
-            "scikit-learn": sklearn.__version__,
-        },
+        "versions": library_versions(),
+    }
+
+
+def library_versions():
+    """The versions of Python and of the libraries a run's results depend on."""
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "opencv": cv2.__version__,
+        "scikit-learn": sklearn.__version__,
     }
 
 
@@ -3016,8 +3078,10 @@ def train_localiser_for_run(competition_dir, prepared, output_dir, options):
         held_out = read_localiser_studies(
             competition_dir, "train", sorted(validation), size, coordinates, options.workers
         )
-        metrics = localisation_metrics(localise_studies(model, held_out), held_out)
+        found = localise_studies(model, held_out)
+        metrics = localisation_metrics(found, held_out)
         print_localisation(metrics, len(held_out))
+        save_localisation_plot(found, held_out, output_dir)
     keras.backend.clear_session()
     return path, metrics
 

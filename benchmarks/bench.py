@@ -45,9 +45,7 @@ import cv2  # noqa: E402
 import keras  # noqa: E402
 import naive  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import scipy  # noqa: E402
-import sklearn  # noqa: E402
 import synthetic  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -506,16 +504,7 @@ def machine():
         "cpu_flags": [flag for flag in CPU_FLAGS if flag in fields.get("flags", "").split()],
         "memory_gib": round(memory_kb / 2**20, 1),
         "platform": platform.platform(),
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-            "pandas": pd.__version__,
-            "opencv": cv2.__version__,
-            "scikit-learn": sklearn.__version__,
-            "scipy": scipy.__version__,
-        },
+        "versions": {**script.library_versions(), "scipy": scipy.__version__},
     }
 
 

@@ -19,22 +19,11 @@ import pandas as pd
 import pytest
 import synthetic
 import tensorflow as tf
-from conftest import RANDOM_WEIGHTS, REPOSITORY, script
+from conftest import QUICK_RUN, REPOSITORY, script
 
 BATCH_SIZE = 8
 # The smallest run that still trains, validates and predicts: phase 1 only, 32-px images, random weights.
-SMALL_RUN = [
-    "--weights",
-    str(RANDOM_WEIGHTS),
-    "--image-size",
-    "32",
-    "--epochs",
-    "1",
-    "--fine-tune-epochs",
-    "0",
-    "--batch-size",
-    str(BATCH_SIZE),
-]
+SMALL_RUN = [*QUICK_RUN, "--batch-size", str(BATCH_SIZE)]  # The later --batch-size wins.
 RUN_TIMEOUT_SECONDS = 300  # Far above a normal run: a run that takes longer is hung, waiting on a collective op.
 
 # Logical devices must be configured before TensorFlow initialises, so this runs in a fresh interpreter as

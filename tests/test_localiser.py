@@ -13,22 +13,10 @@ from conftest import script
 
 # Ten training studies (two held out for validation) and two test studies, at 96 px so that a run is quick.
 TRAIN_STUDIES, TEST_STUDIES, DICOM_SIZE = 10, 2, 96
-LOCALISER_RUN = [
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--epochs",
-    "1",
-    "--fine-tune-epochs",
-    "0",
-    "--localiser-epochs",
-    "24",
-    "--localiser-image-size",
-    "64",
-    "--seed",
-    "0",
-]
+LOCALISER_RUN = (
+    "--weights none --image-size 32 --epochs 1 --fine-tune-epochs 0 --localiser-epochs 24 --localiser-image-size 64 "
+    "--seed 0"
+).split()
 # A short run must bring the median error well below that of a guess that knows no anatomy: each point at the
 # middle of its labelled slice, which misses by several centimetres.
 MAXIMUM_MEDIAN_MM = 20.0
