@@ -47,7 +47,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ star
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
+import io
 import json
 import math
 import platform
@@ -2171,10 +2173,19 @@ def train_localiser(studies, settings, options):
     return model
 
 
+LOCALISER_PREDICT_BATCH = 16  # Slices per call: one fixed shape, so the graph is traced once, not per stack size.
+
+
 def predict_slices(model, volume, indices):
     """The localiser's output (len(indices), channels, 3) for some slices of a volume, logits made probabilities."""
-    outputs = model.predict_on_batch(localiser_input([triplet(volume, index) for index in indices]))
-    outputs = np.asarray(outputs, np.float64)
+    images = localiser_input([triplet(volume, index) for index in indices])
+    outputs = []
+    for start in range(0, len(images), LOCALISER_PREDICT_BATCH):
+        chunk = images[start : start + LOCALISER_PREDICT_BATCH]
+        padded = np.zeros((LOCALISER_PREDICT_BATCH, *chunk.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        outputs.append(np.asarray(model.predict_on_batch(padded), np.float64)[: len(chunk)])
+    outputs = np.concatenate(outputs)
     outputs[..., 2] = 1.0 / (1.0 + np.exp(-outputs[..., 2]))
     return outputs
 
@@ -2762,7 +2773,7 @@ class TrainingRun:
     policy: str
     output_dir: Path
     fold_count: int
-    localisation: dict | None = None  # The level localiser's validation metrics, when this run trained it.
+    localisation: object = None  # The LocaliserReport, when this run trained the level localiser.
 
     @property
     def resume_dir(self):
@@ -2831,8 +2842,19 @@ def write_training_outputs(run, results, constants, weights_source):
         oof = np.concatenate([result.validation_probabilities for result in results])
         metrics = evaluate(row_ids, labels, oof, constant_predictions(row_ids, constants))
         print_report(metrics)
-        if run.localisation:
-            metrics["localisation"] = run.localisation
+        if run.localisation is not None:
+            metrics["localisation"] = dict(run.localisation.metrics)
+            if run.fold_count == 1 and run.localisation.validation_points is not None:
+                severity = severity_at_found_points(
+                    run.localisation, results[0].model_path, table, results[0].validation_rows, run.options
+                )
+                metrics["localisation"]["severity"] = severity
+                if severity:
+                    print(
+                        f"severity score on {severity['rows']} validation rows: "
+                        f"{severity['score_at_labelled_points']:.4f} at the labelled points, "
+                        f"{severity['score_at_found_points']:.4f} at the points the localiser found"
+                    )
         artifacts["oof"] = write_csv(probabilities_frame(row_ids, oof), output_dir / "oof.csv")
         artifacts["metrics"] = write_json(metrics, output_dir / "metrics.json")
         artifacts.update(save_plots(history, metrics, output_dir))
@@ -2851,7 +2873,7 @@ def write_training_outputs(run, results, constants, weights_source):
 def train(options, localisation=None):
     """The whole job: validate, train and validate each fold, report, predict the test set, write the outputs.
 
-    localisation: the level localiser's metrics, when it was trained for this run (prepare_for_run)."""
+    localisation: the level localiser's LocaliserReport, when it was trained for this run (prepare_for_run)."""
     started = time.time()
     settings = severity_model(options)
     table = load_train_table(options.data_dir, options.skip_bad_images)
@@ -2970,6 +2992,7 @@ def localise_split(model_path, competition_dir, split, out_path, workers=WORKERS
     print(f"localising {len(study_ids)} {split} studies in {competition_dir} with {model_path}")
     studies = read_localiser_studies(competition_dir, split, study_ids, model.input_shape[1], workers=workers)
     rows = localised_rows(localise_studies(model, studies))
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_path)
     unplaced = len(study_ids) * len(WIDE_LABEL_COLUMNS) - len(rows)
     print(
@@ -3051,7 +3074,7 @@ def print_localisation(metrics, studies):
 
 def train_localiser_for_run(competition_dir, prepared, output_dir, options):
     """Train the localiser on the training studies of the severity split, measure it on the validation studies,
-    and save it as OUTPUT/localiser.keras; returns (its path, the localisation metrics)."""
+    and save it as OUTPUT/localiser.keras; returns (its path, a LocaliserReport)."""
     settings = localiser_model(options)
     table = load_train_table(prepared)
     validation = set()
@@ -3066,10 +3089,12 @@ def train_localiser_for_run(competition_dir, prepared, output_dir, options):
         competition_dir, "train", [s for s in labelled if s not in validation], size, coordinates, options.workers
     )
     if not training:
-        raise InputError(
-            f"{competition_dir}: no training study has a series the localiser reads (Sagittal T1, "
-            "Sagittal T2/STIR, Axial T2). Check train_series_descriptions.csv."
+        print(
+            f"localiser: no training study in {competition_dir} has a labelled series it can read (Sagittal T1, "
+            "Sagittal T2/STIR or Axial T2 slices with their position and orientation tags), so none is trained "
+            "and the test rows keep their best constants."
         )
+        return None, None
     model = train_localiser(training, settings, options)
     path = output_dir / "localiser.keras"
     write_atomically(path, model.save)
@@ -3082,26 +3107,67 @@ def train_localiser_for_run(competition_dir, prepared, output_dir, options):
         metrics = localisation_metrics(found, held_out)
         print_localisation(metrics, len(held_out))
         save_localisation_plot(found, held_out, output_dir)
+        found_points = write_csv(localised_rows(found), prepared / "validation_coordinates.csv")
     keras.backend.clear_session()
-    return path, metrics
+    return path, LocaliserReport(metrics, competition_dir, prepared, found_points if validation else None)
+
+
+@dataclass
+class LocaliserReport:
+    """What training the localiser leaves for the run's report."""
+
+    metrics: dict  # localisation_metrics on the validation studies
+    competition_dir: Path
+    prepared: Path
+    validation_points: Path | None  # The points it found in the validation studies, as coordinates.
+
+
+def severity_at_found_points(report, model_path, table, validation_rows, options):
+    """The severity score of the validation rows twice: on crops at the labelled points (as trained) and on crops
+    at the points the localiser found. The difference is what localisation costs."""
+    found_dir = report.prepared / "found"
+    shutil.rmtree(found_dir, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # prepare's own summary: not this report's business.
+        prepare_competition(
+            report.competition_dir, found_dir, "train", report.validation_points, workers=options.workers
+        )
+    found = load_train_table(found_dir)
+    labelled = table.iloc[validation_rows]
+    found = found[found["row_id"].isin(set(labelled["row_id"]))].reset_index(drop=True)
+    if found.empty:
+        return {}
+    model = load_saved_model(model_path)
+    at_found = predict_probabilities(model, found["image_path"].tolist(), options)[0]
+    at_labelled = predict_probabilities(
+        model, labelled.set_index("row_id").loc[found["row_id"], "image_path"].tolist(), options
+    )[0]
+    keras.backend.clear_session()
+    truth = labels_frame(found["row_id"], found["label"])
+    return {
+        "rows": len(found),
+        "score_at_labelled_points": score_predictions(truth, probabilities_frame(found["row_id"], at_labelled))[
+            "score"
+        ],
+        "score_at_found_points": score_predictions(truth, probabilities_frame(found["row_id"], at_found))["score"],
+    }
 
 
 def prepare_for_run(competition_dir, options, command):
     """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick).
 
     Training also trains the level localiser (unless --localiser-epochs 0); the test studies, which have no label
-    coordinates, then get crops at the points it finds. Returns (the prepared folder, the localisation metrics).
+    coordinates, then get crops at the points it finds. Returns (the prepared folder, its LocaliserReport or None).
     """
     output_dir = options.output_dir
     prepared = output_dir / "prepared"
     print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
-    localiser, metrics = None, {}
+    localiser, report = None, None
     if command == "train" and (competition_dir / "train_series_descriptions.csv").is_file():
         severity_model(options)  # Its settings are checked now, not after the localiser has trained.
         print_prepare_summary(prepare_competition(competition_dir, prepared, "train", workers=options.workers))
         if options.localiser_epochs > 0:
             prepare_output_dir(output_dir)
-            localiser, metrics = train_localiser_for_run(competition_dir, prepared, output_dir, options)
+            localiser, report = train_localiser_for_run(competition_dir, prepared, output_dir, options)
     elif command == "predict":
         beside_model = options.model[0].parent / "localiser.keras"
         localiser = options.localiser or (beside_model if beside_model.is_file() else None)
@@ -3115,7 +3181,7 @@ def prepare_for_run(competition_dir, options, command):
         print_prepare_summary(
             prepare_competition(competition_dir, prepared, "test", coordinates, workers=options.workers)
         )
-    return prepared, metrics
+    return prepared, report
 
 
 def prepare_competition(
@@ -3505,7 +3571,7 @@ def run_command(command, options):
     if command in ("train", "predict"):
         options.data_dir = resolve_data_dir(options.data_dir, command)
         options.output_dir = resolve_output_dir(options.output_dir)
-    localisation = {}
+    localisation = None
     if command in ("train", "predict") and is_competition_layout(options.data_dir):
         options.data_dir, localisation = prepare_for_run(options.data_dir, options, command)
     if command == "train":

@@ -24,7 +24,7 @@ RANDOM_WEIGHTS = Path(tempfile.gettempdir()) / f"rsna-tests-{os.getpid()}-random
 QUICK_RUN = [
     "--weights",
     str(RANDOM_WEIGHTS),
-    *"--image-size 32 --epochs 1 --fine-tune-epochs 0 --batch-size 16".split(),
+    *"--image-size 32 --epochs 1 --fine-tune-epochs 0 --batch-size 16 --localiser-epochs 0".split(),
 ]
 # Small and fast, both phases, from scratch: 32-px inputs (from 64-px images), one epoch per phase.
 TINY_RUN = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "1", "--batch-size", "16"]

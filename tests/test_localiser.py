@@ -60,55 +60,44 @@ def world_errors(competition, points):
 def test_training_on_a_competition_trains_and_measures_the_localiser(trained):
     assert (trained / "localiser.keras").is_file()
     localisation = json.loads((trained / "metrics.json").read_text())["localisation"]
-    assert set(localisation) == {"spinal", "foraminal", "subarticular"}
-    for group in localisation.values():
+    assert set(localisation) == {"spinal", "foraminal", "subarticular", "severity"}
+    for name in ("spinal", "foraminal", "subarticular"):
+        group = localisation[name]
         assert group["points"] > 0 and 0 <= group["within_10mm"] <= 1 and group["median_mm"] >= 0
+        assert 0 <= group["slice_within_one"] <= 1 and 0 <= group["level_swaps"] <= 1
+    # The severity model scored twice on the validation rows: at the labelled and at the found points.
+    severity = localisation["severity"]
+    assert severity["rows"] > 0 and severity["score_at_found_points"] > 0 and severity["score_at_labelled_points"] > 0
+    assert (trained / "localisation.png").is_file()
     assert json.loads((trained / "config.json").read_text())["localiser_model"]["epochs"] == 24
 
 
-def test_localise_writes_coordinates_that_land_near_the_truth(competition, trained, tmp_path):
-    out = tmp_path / "points.csv"
-    argv = [
-        "localise",
-        "--model",
-        str(trained / "localiser.keras"),
-        "--competition-dir",
-        str(competition.root),
-        "--split",
-        "test",
-        "--out",
-        str(out),
-    ]
-    assert script.main(argv) == 0
-    points = pd.read_csv(out)
+def test_localise_prepare_predict_fills_every_row_at_points_near_the_truth(competition, trained, tmp_path):
+    """predict with the competition attached finds localiser.keras beside the model, localises the test studies
+    (as `localise` does), crops there and writes all 25 rows of every study; the points are in
+    train_label_coordinates.csv's format and land near the phantom's true points."""
+    output_dir = tmp_path / "predicted"
+    argv = ["predict", "--model", str(trained / "model.keras"), "--data-dir", str(competition.root)]
+    assert script.main([*argv, "--output-dir", str(output_dir)]) == 0
+    submission = pd.read_csv(output_dir / "submission.csv", dtype={"row_id": str})
+    expected = [f"{study}_{column}" for study in competition.test_study_ids for column in script.WIDE_LABEL_COLUMNS]
+    assert sorted(submission["row_id"]) == sorted(expected)
+    np.testing.assert_allclose(submission[list(script.CLASS_NAMES)].to_numpy().sum(axis=1), 1.0, atol=1e-6)
+    prepared = pd.read_csv(output_dir / "prepared" / "test.csv", dtype=str, keep_default_na=False)
+    assert (prepared["image_path"] != "").mean() > 0.5  # Most rows were cropped at found points.
+
+    points = pd.read_csv(output_dir / "prepared" / "test_coordinates.csv")
     assert list(points.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
     assert set(points["study_id"]) == set(competition.test_study_ids)
     assert not points.duplicated(["study_id", "condition", "level"]).any()
-    # The format reads back as label coordinates.
-    script.read_coordinates(out)
+    script.read_coordinates(output_dir / "prepared" / "test_coordinates.csv")  # Reads back as label coordinates.
     errors = world_errors(competition, points)
     assert errors["mm"].median() <= MAXIMUM_MEDIAN_MM, errors.groupby("group")["mm"].median()
 
 
-def test_predict_with_the_competition_uses_the_localiser_and_fills_every_row(competition, trained, tmp_path):
-    output_dir = tmp_path / "predicted"
-    argv = [
-        "predict",
-        "--model",
-        str(trained / "model.keras"),
-        "--data-dir",
-        str(competition.root),
-        "--output-dir",
-        str(output_dir),
-    ]
-    assert script.main(argv) == 0
-    submission = pd.read_csv(output_dir / "submission.csv", dtype={"row_id": str})
-    expected = [
-        f"{study_id}_{column}" for study_id in competition.test_study_ids for column in script.WIDE_LABEL_COLUMNS
-    ]
-    assert sorted(submission["row_id"]) == sorted(expected)
-    probabilities = submission[list(script.CLASS_NAMES)].to_numpy()
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
-    prepared = pd.read_csv(output_dir / "prepared" / "test.csv", dtype=str, keep_default_na=False)
-    assert (prepared["image_path"] != "").mean() > 0.5  # Most rows were cropped at found points.
-    assert (output_dir / "prepared" / "test_coordinates.csv").is_file()
+def test_localise_command_writes_the_same_points(competition, trained, tmp_path):
+    """`localise` is the step predict takes: the same points, from the command line."""
+    out = tmp_path / "points.csv"
+    argv = ["localise", "--model", str(trained / "localiser.keras"), "--competition-dir", str(competition.root)]
+    assert script.main([*argv, "--split", "test", "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) > 0

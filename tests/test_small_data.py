@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import synthetic
-from conftest import script
+from conftest import QUICK_RUN, script
 
 ROWS_PER_SMALL_STUDY = 4  # As few rows per study as a user with a handful of slices might have.
 
@@ -66,20 +66,8 @@ def test_sixteen_images_in_four_studies_train_from_scratch_and_submit(tmp_path):
     keep = train.groupby(script.study_ids(train["row_id"]).to_numpy()).head(ROWS_PER_SMALL_STUDY)
     keep.to_csv(root / "train.csv", index=False)
     output_dir = tmp_path / "run"
-    argv = [
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--fine-tune-epochs",
-        "1",
-        "--data-dir",
-        str(root),
-        "--output-dir",
-        str(output_dir),
-    ]
+    # Random weights from a file train fastest; the from-scratch path is the learning test's and TINY_RUN's.
+    argv = [*QUICK_RUN, "--fine-tune-epochs", "1", "--data-dir", str(root), "--output-dir", str(output_dir)]
     assert script.main(argv) == 0
     submission = pd.read_csv(output_dir / "submission.csv", dtype={"row_id": str})
     test = pd.read_csv(root / "test.csv", dtype=str)
