@@ -2228,7 +2228,8 @@ def point_on(volume, index, output, channel, condition, level):
 
 def localise_sagittal(model, study):
     """The canal points (Sagittal T2/STIR) and the foramina (Sagittal T1): every slice is run, and each level's
-    point goes on the slice where its presence is highest; for a foramen, once on each side of the midline."""
+    point goes on the slice where its presence is highest; for a foramen, once on each side of the midline, among
+    the slices near the midline ± that level's lateral offset learned from the training labels (when known)."""
     found = []
     if "canal" in study.volumes:
         volume = study.volumes["canal"][0]
@@ -2247,11 +2248,16 @@ def localise_sagittal(model, study):
         canal = [point.world[0] for point in found]
         # The midline: the canal's, seen on T2, else the middle of the T1 stack. +x is the patient's left.
         midline = float(np.median(canal)) if canal else float(np.median(slice_x))
-        for side, on_side in (("left", slice_x > midline), ("right", slice_x <= midline)):
+        offsets = getattr(model, "foramen_offsets_mm", None)
+        window = 1.5 * (abs(stack.slice_spacing) or 3.0)
+        for side, sign, on_side in (("left", 1, slice_x > midline), ("right", -1, slice_x <= midline)):
             if not on_side.any():
                 continue
-            candidates = np.flatnonzero(on_side)
-            for channel, level in zip(KIND_CHANNELS["foramen"], LEVELS):
+            for number, (channel, level) in enumerate(zip(KIND_CHANNELS["foramen"], LEVELS)):
+                candidates = np.flatnonzero(on_side)
+                if offsets is not None:
+                    near = np.flatnonzero(on_side & (np.abs(slice_x - (midline + sign * offsets[number])) <= window))
+                    candidates = near if len(near) else candidates
                 index = int(candidates[np.argmax(outputs[candidates, channel, 2])])
                 condition = f"{side}_neural_foraminal_narrowing"
                 found.append(point_on(volume, index, outputs[index], channel, condition, level))
@@ -3011,7 +3017,29 @@ def load_localiser(path):
     model = load_saved_model(path)
     if model.name != "level_localiser":
         raise InputError(f"{path}: is a {model.name} model, not the level localiser (localiser.keras).")
+    geometry = path.with_suffix(".json")  # What it learned from the labels' geometry, beside it.
+    if geometry.is_file():
+        model.foramen_offsets_mm = json.loads(geometry.read_text()).get("foramen_offsets_mm")
     return model
+
+
+def foramen_offsets(studies):
+    """Each level's median lateral distance (mm, along the patient's x) from the canal's point to its foramina,
+    over the labelled studies that have both; None where none has."""
+    offsets = []
+    for level in LEVELS:
+        distances = [
+            abs(
+                study.points[(f"{side}_neural_foraminal_narrowing", level)][0]
+                - study.points[("spinal_canal_stenosis", level)][0]
+            )
+            for study in studies
+            for side in ("left", "right")
+            if ("spinal_canal_stenosis", level) in study.points
+            and (f"{side}_neural_foraminal_narrowing", level) in study.points
+        ]
+        offsets.append(float(np.median(distances)) if distances else None)
+    return None if None in offsets else offsets
 
 
 def localisation_metrics(found, studies):
@@ -3096,8 +3124,10 @@ def train_localiser_for_run(competition_dir, prepared, output_dir, options):
         )
         return None, None
     model = train_localiser(training, settings, options)
+    model.foramen_offsets_mm = foramen_offsets(training)
     path = output_dir / "localiser.keras"
     write_atomically(path, model.save)
+    write_json({"foramen_offsets_mm": model.foramen_offsets_mm}, path.with_suffix(".json"))
     metrics = {}
     if validation:
         held_out = read_localiser_studies(
