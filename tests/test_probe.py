@@ -1,0 +1,215 @@
+"""What an outside bad-input probe found (issue 13), each kept fixed: every reader refuses empty and header-only
+files by name, odd paths are named for what they are, score handles oof.csv and extra rows, priors and
+predictions are never exactly 0, and the logs hold no TensorFlow start-up lines."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import synthetic
+from conftest import REPOSITORY, script
+
+SUBMISSION_HEADER = "row_id,normal_mild,moderate,severe\n"
+COORDINATE_HEADER = "study_id,series_id,instance_number,condition,level,x,y\n"
+
+
+def run_script(*arguments, env=None, timeout=120):
+    """script.py in a fresh process, as a user starts it, without the tests' TF_CPP_MIN_LOG_LEVEL."""
+    environment = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run(
+        [sys.executable, str(REPOSITORY / "script.py"), *arguments],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**environment, **(env or {})},
+    )
+
+
+# ================================================================================================ start-up lines
+
+TENSORFLOW_START_UP = ("oneDNN", "cudart_stub", "absl::InitializeLog", "cuInit", "cpu_feature_guard")
+
+
+def test_help_prints_no_tensorflow_start_up_lines():
+    """`python script.py --help` in a fresh process prints the usage and nothing on stderr: TensorFlow's native
+    start-up lines (twice, from its two libraries) used to come first."""
+    completed = run_script("--help")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("usage: script.py")
+    assert not any(line in completed.stderr for line in TENSORFLOW_START_UP), completed.stderr
+    assert completed.stderr == ""
+
+
+def test_a_real_import_error_still_shows(tmp_path):
+    """Silencing the start-up lines must not swallow a broken installation: its traceback reaches stderr."""
+    (tmp_path / "keras.py").write_text('raise ImportError("this keras is broken on purpose")\n')
+    completed = run_script("--help", env={"PYTHONPATH": str(tmp_path)})
+    assert completed.returncode == 1
+    assert "Traceback" in completed.stderr and "this keras is broken on purpose" in completed.stderr
+
+
+def test_score_with_a_header_only_submission_exits_2_with_one_line(tmp_path):
+    """As the probe ran it: a header-only submission used to end in a TypeError traceback (exit 1). Now one line
+    names the file, exit 2, and no TensorFlow line is printed around it."""
+    solution = tmp_path / "solution.csv"
+    solution.write_text(SUBMISSION_HEADER + "1_spinal_canal_stenosis_l1_l2,1,0,0\n")
+    submission = tmp_path / "submission.csv"
+    submission.write_text(SUBMISSION_HEADER)
+    completed = run_script("score", "--solution", str(solution), "--submission", str(submission))
+    assert completed.returncode == 2
+    assert completed.stderr.startswith(f"error: {submission}: has a header but no rows")
+    assert completed.stderr.count("\n") == 1, completed.stderr
+    assert completed.stdout == ""
+
+
+# ===================================================================================== empty and header-only files
+
+
+def seed_layout(root):
+    """A tiny valid seed layout, for the readers of train.csv and test.csv."""
+    synthetic.make_dataset(root, train_rows=6, test_rows=2, image_size=32, plain_row_ids=True, class_mix=(1, 1, 1))
+    return root
+
+
+READERS = {
+    "train.csv": lambda path: script.load_train_table(path.parent),
+    "test.csv": lambda path: script.load_test_table(path.parent),
+    "solution.csv": script.read_solution,
+    "submission.csv": script.read_submission,
+    "train_label_coordinates.csv": script.read_coordinates,
+    "wide train.csv": script.read_labels,
+    "test_series_descriptions.csv": lambda path: script.read_split_rows(path.parent, "test", None),
+}
+HEADERS = {
+    "train.csv": ",".join(script.TRAIN_COLUMNS) + "\n",
+    "test.csv": ",".join(script.TEST_COLUMNS) + "\n",
+    "solution.csv": SUBMISSION_HEADER,
+    "submission.csv": SUBMISSION_HEADER,
+    "train_label_coordinates.csv": COORDINATE_HEADER,
+    "wide train.csv": ",".join(["study_id", *script.WIDE_LABEL_COLUMNS]) + "\n",
+    "test_series_descriptions.csv": "study_id,series_id,series_description\n",
+}
+
+
+@pytest.mark.parametrize("contents", ["header only", "empty"])
+@pytest.mark.parametrize("reader", READERS)
+def test_every_reader_refuses_empty_and_header_only_files_by_name(reader, contents, tmp_path):
+    """Each CSV the script reads, with a header and no rows or with no bytes at all, is an InputError that names
+    the file, never a crash further on (the header-only submission was a TypeError in np.isfinite)."""
+    root = seed_layout(tmp_path / "data") if reader in ("train.csv", "test.csv") else tmp_path
+    path = root / reader.split()[-1]
+    path.write_text(HEADERS[reader] if contents == "header only" else "")
+    expected = "has a header but no rows" if contents == "header only" else "cannot be read as a UTF-8 CSV"
+    with pytest.raises(script.InputError, match=expected) as error:
+        READERS[reader](path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        pytest.param(os.devnull, "is not a regular file", id="/dev/null"),
+        pytest.param("folder", "is a folder, not a file", id="folder"),
+        pytest.param("nowhere.csv", "file not found", id="missing"),
+    ],
+)
+def test_a_path_that_is_no_regular_file_is_named_for_what_it_is(path, expected, tmp_path):
+    """`--submission /dev/null` used to say "file not found"; a folder and a missing file each get their own words."""
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / path
+    with pytest.raises(script.InputError, match=expected) as error:
+        script.read_submission(path)
+    assert str(path) in str(error.value)
+
+
+def test_an_image_path_that_is_a_folder_is_reported_as_a_folder(tmp_path):
+    """An image_path naming a folder said "missing", which sends the user looking for a file that is there."""
+    root = seed_layout(tmp_path / "data")
+    table = pd.read_csv(root / "test.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "image_path"] = "images"
+    table.to_csv(root / "test.csv", index=False)
+    with pytest.raises(script.InputError, match=r"images: is a folder, not an image\)") as error:
+        script.load_test_table(root)
+    assert table.loc[0, "row_id"] in str(error.value)
+
+
+# ============================================================================================== score and oof.csv
+
+
+@pytest.fixture
+def scored_files(tmp_path):
+    """A four-row solution and a submission predicting two of its rows plus one row the solution lacks."""
+    row_ids = [f"{study}_spinal_canal_stenosis_l1_l2" for study in (1, 2, 3, 4)]
+    solution = pd.DataFrame({"row_id": row_ids, "normal_mild": [1, 0, 1, 0], "moderate": [0, 1, 0, 0]})
+    solution["severe"] = [0, 0, 0, 1]
+    submission = pd.DataFrame(
+        {"row_id": [row_ids[0], row_ids[1], "9_spinal_canal_stenosis_l1_l2"], "normal_mild": [0.5, 0.25, 0.3]}
+    ).assign(moderate=[0.25, 0.5, 0.3], severe=[0.25, 0.25, 0.4])
+    solution.to_csv(tmp_path / "solution.csv", index=False)
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    return tmp_path / "solution.csv", tmp_path / "submission.csv"
+
+
+def test_score_names_the_missing_rows_and_points_to_only_submitted(scored_files):
+    solution, submission = scored_files
+    with pytest.raises(script.InputError, match="lacks 2 of the 4 labelled row_ids") as error:
+        script.run_score(solution, submission)
+    assert str(submission) in str(error.value) and "--only-submitted" in str(error.value)
+
+
+def test_only_submitted_scores_the_rows_present_and_counts_the_rest(scored_files, capsys):
+    """--only-submitted scores just the two predicted rows, and says how many solution rows were left out and how
+    many submission rows the solution has no label for."""
+    solution, submission = scored_files
+    scores = script.run_score(solution, submission, only_submitted=True)
+    printed = capsys.readouterr().out
+    assert scores["spinal"] == pytest.approx(np.log(2))  # Both rows put 0.5 on their true class.
+    assert "2 labelled row(s) of the solution left out" in printed
+    assert "1 row(s) whose row_id has no label in the solution were not scored: 9_spinal" in printed
+
+
+# ================================================================================== priors and predictions above 0
+
+
+class CertainModel:
+    """A stand-in for a Keras model whose softmax rounded two classes to exactly 0, as float32 does for large
+    logits. It records the batch sizes it was given."""
+
+    input_shape = (None, 32, 32, 3)
+
+    def __init__(self):
+        self.batch_sizes = []
+
+    def predict(self, batches, verbose=0):
+        sizes = [len(batches[index][0]) for index in range(len(batches))]
+        self.batch_sizes += sizes
+        return np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (sum(sizes), 1))
+
+
+def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path):
+    """Probabilities of exactly 0 become at least PREDICTION_FLOOR and still sum to 1; a short last batch is padded
+    so that the predict function sees one shape (traced once), and the padding's predictions are dropped."""
+    root = seed_layout(tmp_path / "data")
+    images = script.load_test_table(root)["image_path"].tolist() * 3  # 6 images in batches of 4: 4 and 2.
+    model = CertainModel()
+    options = type("Options", (), {"batch_size": 4, "workers": 1})()
+    probabilities, predicted = script.predict_probabilities(model, images, options)
+    assert model.batch_sizes == [4, 4]
+    assert probabilities.shape == (6, 3) and predicted.all()
+    assert probabilities.min() >= script.PREDICTION_FLOOR * 0.999
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+
+
+def test_precise_batch_norm_traces_the_network_once_per_model():
+    """The statistics pass takes any batch size, so a short last batch does not trace the network again."""
+    inputs = script.keras.Input((4, 4, 3))
+    features = script.layers.BatchNormalization()(script.layers.Flatten()(inputs))
+    model = script.keras.Model(inputs, script.layers.Dense(3, activation="softmax")(features))
+    batches = [(np.random.default_rng(size).normal(size=(size, 4, 4, 3)).astype(np.float32),) for size in (8, 8, 3)]
+    script.recalibrate_batch_normalization(model, batches)
+    script.recalibrate_batch_normalization(model, batches)
+    assert model.statistics_pass.experimental_get_tracing_count() == 1
