@@ -281,15 +281,19 @@ def read_csv(path):
     return frame
 
 
-def refuse_unreadable_file(path, what="file"):
-    """Refuse a path that is missing, a folder, or not a regular file (/dev/null, a pipe), saying which."""
+def refuse_unreadable_file(path, what="file", option=""):
+    """Refuse a path that is missing, a folder, or not a regular file (/dev/null, a pipe), saying which.
+
+    option names the command-line option the path came from, for the message ("--model ")."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a {what}. Give the path of the {what} itself.")
+        raise InputError(f"{option}{path}: is a folder, not a {what}. Give the path of the {what} itself.")
     if not path.exists():
-        raise InputError(f"{path}: file not found. Check the folder given on the command line.")
+        raise InputError(f"{option}{path}: file not found. Check the folder given on the command line.")
     if not path.is_file():
-        raise InputError(f"{path}: is not a regular file (a device, pipe or socket). Give the path of a {what}.")
+        raise InputError(
+            f"{option}{path}: is not a regular file (a device, pipe or socket). Give the path of a {what}."
+        )
 
 
 def require_columns(path, frame, columns):
@@ -1223,7 +1227,8 @@ def load_saved_model(path):
     try:
         return keras.models.load_model(path, safe_mode=True)
     except Exception as error:
-        raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {error}).") from None
+        reason = (str(error).strip().splitlines() or [""])[0][:300]  # Keras' texts run to many lines.
+        raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {reason}).") from None
 
 
 # == 8. fitting ========================================================================================================
@@ -1423,6 +1428,15 @@ class RecalibrateBatchNormalization(keras.callbacks.Callback):
             self.done = True
 
 
+class EpochHeader(keras.callbacks.Callback):
+    """Keras prints "Epoch 2/8" before an epoch only when fit() runs more than one epoch in all; this prints it for
+    a fit() of one epoch (--epochs 1), so that every epoch's line in the log has its header."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.params.get("epochs") == 1 and self.params.get("verbose"):
+            print(f"Epoch {epoch + 1}/1", flush=True)
+
+
 class StopOnInterrupt(keras.callbacks.Callback):
     """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
 
@@ -1448,8 +1462,10 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         state = self.state
         superseded = [state.backup_file]
-        row = {"phase": self.phase, "epoch": epoch, **{name: float(value) for name, value in (logs or {}).items()}}
-        state.history = [old for old in state.history if old["epoch"] != epoch] + [row]
+        # Epochs are counted from 1 in history.csv, as in the log ("Epoch 1/5") and the plots.
+        logged = {name: float(value) for name, value in (logs or {}).items()}
+        row = {"phase": self.phase, "epoch": epoch + 1, **logged}
+        state.history = [old for old in state.history if old["epoch"] != epoch + 1] + [row]
         best = state.best_val_loss
         if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
             superseded.append(state.best_file)
@@ -1495,7 +1511,7 @@ def open_run_state(resume_dir, options, settings):
     """Start a run's resumable state, or check that --resume continues a run with the same settings."""
     current = resume_record(options, settings)
     recorded = resume_dir / "options.json"
-    if options.resume and recorded.is_file():
+    if options.resume and recorded.is_file():  # Returns True: the interrupted run goes on.
         previous = json.loads(recorded.read_text())
         changed = [
             f"{setting_name(name)} was {previous.get(name)}, now {current[name]}"
@@ -1507,7 +1523,7 @@ def open_run_state(resume_dir, options, settings):
                 f"--resume: the interrupted run in {resume_dir.parent} used other settings "
                 f"({'; '.join(changed)}). Resume with the same ones, or drop --resume."
             )
-        return
+        return True
     if options.resume:
         print(f"--resume: no interrupted run in {resume_dir.parent}; starting afresh.")
     elif resume_dir.exists():
@@ -1516,6 +1532,22 @@ def open_run_state(resume_dir, options, settings):
     remove_earlier_outputs(resume_dir.parent)  # A new run: nothing of an earlier one may mix with its outputs.
     resume_dir.mkdir(parents=True)
     write_json(current, recorded)
+    return False
+
+
+def resume_position(resume_dir, settings, fold_count):
+    """Where a resumed run goes on, as "fold F, phase P, epoch E" (epochs counted from 1), from the saved states."""
+    for fold in range(1, fold_count + 1):
+        if not (resume_dir / f"fold{fold}" / "state.json").is_file():
+            return f"fold {fold}, phase 1, epoch 1"
+        state = FoldState.load(resume_dir / f"fold{fold}")
+        if state.done:
+            continue
+        for phase, first_epoch, _, _ in training_phases(settings):
+            if phase not in state.finished_phases:
+                return f"fold {fold}, phase {phase}, epoch {(state.backup_epoch or first_epoch) + 1}"
+        return f"fold {fold}, after its training (predicting)"
+    return "the end: every fold is finished, so only the outputs are written"
 
 
 def setting_name(name):
@@ -1568,7 +1600,7 @@ def run_phase(model, batches, phase, first_epoch, end_epoch, state):
     train_batches, validation_batches, statistics_batches = batches
     resume_epoch = restore_backup(model, state, phase, first_epoch)
     train_batches.start_epoch(resume_epoch)
-    callbacks = [TrainingState(phase, end_epoch, state), StopOnInterrupt()]
+    callbacks = [EpochHeader(), TrainingState(phase, end_epoch, state), StopOnInterrupt()]
     if learning_batch_normalizations(model):
         callbacks.insert(0, RecalibrateBatchNormalization(statistics_batches))  # First: before the epoch is saved.
     try:
@@ -1886,6 +1918,18 @@ def print_report(metrics):
         print(f"  {name:<12}" + "".join(f"{count:>12}" for count in row))
 
 
+def kept_epochs(history):
+    """{fold: the epoch whose weights the fold kept}: the first with the lowest validation loss, as TrainingState
+    keeps it. Folds without a validation loss are left out."""
+    if "val_loss" not in history:
+        return {}
+    return {
+        fold: int(rows.loc[rows["val_loss"].idxmin(), "epoch"])
+        for fold, rows in history.groupby("fold")
+        if rows["val_loss"].notna().any()
+    }
+
+
 def save_plots(history, metrics, output_dir):
     """training_curves.png and confusion_matrix.png, also shown inline in a notebook. Skipped without matplotlib."""
     try:
@@ -1898,21 +1942,33 @@ def save_plots(history, metrics, output_dir):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    kept = kept_epochs(history)
     curves, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, metric, title in zip(axes, ("loss", "accuracy"), ("loss (class-weighted cross-entropy)", "accuracy")):
         for fold, rows in history.groupby("fold"):
-            line = axis.plot(rows["epoch"] + 1, rows[metric], "-o", label=f"fold {fold} training")[0]
+            line = axis.plot(rows["epoch"], rows[metric], "-o", label=f"fold {fold} training")[0]
             if f"val_{metric}" in rows:
                 axis.plot(
-                    rows["epoch"] + 1,
+                    rows["epoch"],
                     rows[f"val_{metric}"],
                     "--o",
                     color=line.get_color(),
                     label=f"fold {fold} validation",
                 )
+            if fold in kept:  # The epoch whose weights the fold kept: its best validation loss.
+                kept_row = rows[rows["epoch"] == kept[fold]]
+                axis.plot(
+                    kept_row["epoch"],
+                    kept_row[f"val_{metric}"],
+                    "*",
+                    markersize=16,
+                    color=line.get_color(),
+                    markeredgecolor="black",
+                    label=f"fold {fold} kept: epoch {kept[fold]}",
+                )
         if (history["phase"] == 2).any():
             axis.axvline(
-                history.loc[history["phase"] == 2, "epoch"].min() + 0.5,
+                history.loc[history["phase"] == 2, "epoch"].min() - 0.5,
                 color="gray",
                 linestyle=":",
                 label="fine-tuning starts",
@@ -2219,7 +2275,8 @@ def train(options):
     output_dir = prepare_output_dir(options.output_dir if is_chief(strategy) else tempfile.mkdtemp())
     refuse_low_disk(output_dir, settings, len(folds))
     run = TrainingRun(table, test_table, settings, options, weights, strategy, policy, output_dir, len(folds))
-    open_run_state(run.resume_dir, options, settings)
+    if open_run_state(run.resume_dir, options, settings):
+        print(f"resuming at {resume_position(run.resume_dir, settings, len(folds))}")
     keras.utils.set_random_seed(options.seed)
     print_start_summary(options.data_dir, table, test_table, weights_source)
     print(
@@ -2238,9 +2295,43 @@ def train(options):
     return 0
 
 
+def model_files(paths):
+    """The --model files: each path as given, or for a training run's output folder the models its config.json lists.
+
+    Each must be a .keras file (a zip archive holding a Keras model's config.json and metadata.json); checked
+    cheaply, before anything is written.
+    """
+    models = []
+    for path in paths:
+        if path.is_dir():
+            listed = [path / name for name in listed_outputs(path) if name.endswith(".keras")]
+            if not listed:
+                raise InputError(
+                    f"--model {path}: is a folder, not a model file, and holds no config.json of a training run "
+                    "that lists its models. Pass the .keras file(s), or a training run's output folder."
+                )
+            print(f"--model {path}: the run's {len(listed)} model(s), as its config.json lists them")
+            models += listed
+        else:
+            models.append(path)
+    for path in models:
+        refuse_unreadable_file(path, "model file", option="--model ")
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+        if not {"config.json", "metadata.json"} <= members:
+            raise InputError(
+                f"--model {path}: a zip archive, but not a Keras model file (it has no config.json and metadata.json)."
+                " Pass a .keras file that a training run saved."
+            )
+    return models
+
+
 def predict(options):
     """Write submission.csv from saved model(s), without training. The image size comes from each model."""
     data_dir = options.data_dir
+    options.model = model_files(options.model)
     test_table = load_test_table(data_dir)
     constants = {}
     if test_table["image_path"].isna().any():  # Those rows need the training run's priors.
@@ -2250,11 +2341,6 @@ def predict(options):
         constants = {
             key: np.array(value) for key, value in json.loads(config_path.read_text())["best_constants"].items()
         }
-    for path in options.model:
-        if not path.is_file():
-            raise InputError(f"--model {path}: file not found.")
-        if not zipfile.is_zipfile(path):  # Cheap, and before anything is written.
-            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
     output_dir = prepare_output_dir(options.output_dir)
     test_images = test_table["image_path"].dropna().tolist()
     image_probabilities = []

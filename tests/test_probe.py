@@ -2,7 +2,11 @@
 files by name, odd paths are named for what they are, score handles oof.csv and extra rows, priors and
 predictions are never exactly 0, and the logs hold no TensorFlow start-up lines."""
 
+import contextlib
+import io
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import synthetic
-from conftest import REPOSITORY, script
+from conftest import QUICK_RUN, REPOSITORY, script
 
 SUBMISSION_HEADER = "row_id,normal_mild,moderate,severe\n"
 COORDINATE_HEADER = "study_id,series_id,instance_number,condition,level,x,y\n"
@@ -213,3 +217,189 @@ def test_precise_batch_norm_traces_the_network_once_per_model():
     script.recalibrate_batch_normalization(model, batches)
     script.recalibrate_batch_normalization(model, batches)
     assert model.statistics_pass.experimental_get_tracing_count() == 1
+
+
+# ================================================================================= a run owns its outputs, --no-test
+
+EARLIER_RUN_FILES = (
+    "model_fold1.keras",
+    "model_fold2.keras",
+    "oof.csv",
+    "metrics.json",
+    "training_curves.png",
+    "confusion_matrix.png",
+    "submission.csv",
+    "history.csv",
+)
+
+
+@pytest.fixture(scope="module")
+def run_over_an_earlier_run(tiny_dataset, tmp_path_factory):
+    """A --val-fraction 0 --no-test --epochs 1 run into a folder that an earlier --folds 2 run left its outputs in,
+    beside a file of the user's own; returns (output folder, stdout)."""
+    output_dir = tmp_path_factory.mktemp("earlier_run")
+    for name in EARLIER_RUN_FILES:
+        (output_dir / name).write_text("from the earlier run\n")
+    earlier_outputs = [*EARLIER_RUN_FILES, "config.json", "earlier_extra.csv", "../outside.txt"]
+    (output_dir / "config.json").write_text(script.json.dumps({"outputs": earlier_outputs}))
+    (output_dir / "earlier_extra.csv").write_text("listed by the earlier run\n")
+    (output_dir / "notes.txt").write_text("the user's own\n")
+    (output_dir.parent / "outside.txt").write_text("outside the output folder\n")
+    argv = [*QUICK_RUN, "--val-fraction", "0", "--no-test", "--data-dir", str(tiny_dataset)]
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        assert script.main([*argv, "--output-dir", str(output_dir)]) == 0
+    return output_dir, capture.getvalue()
+
+
+def test_a_new_run_removes_an_earlier_runs_outputs_and_names_them(run_over_an_earlier_run):
+    """Nothing of the earlier run is left beside the new model.keras, the user's own file and anything outside
+    the folder are kept, and the run said what it removed."""
+    output_dir, printed = run_over_an_earlier_run
+    assert sorted(path.name for path in output_dir.iterdir()) == [
+        "config.json",
+        "history.csv",
+        "model.keras",
+        "notes.txt",
+    ]
+    assert (output_dir.parent / "outside.txt").is_file()
+    assert "removed an earlier run's outputs" in printed and "model_fold2.keras" in printed and "oof.csv" in printed
+
+
+def test_config_lists_the_runs_outputs_and_predict_follows_it(run_over_an_earlier_run, tiny_dataset, tmp_path):
+    """config.json names exactly the files the run wrote, and `predict --model OUTPUT_DIR` uses its models."""
+    output_dir, _ = run_over_an_earlier_run
+    config = script.json.loads((output_dir / "config.json").read_text())
+    assert config["outputs"] == ["model.keras", "history.csv", "config.json"]
+    predicted = tmp_path / "predicted"
+    argv = ["predict", "--model", str(output_dir), "--data-dir", str(tiny_dataset), "--output-dir", str(predicted)]
+    assert script.main(argv) == 0
+    assert len(pd.read_csv(predicted / "submission.csv")) == len(pd.read_csv(tiny_dataset / "test.csv"))
+
+
+def test_no_test_writes_no_submission_and_every_epoch_has_its_header(run_over_an_earlier_run):
+    """--no-test trains without a test set and says so; with --epochs 1 the log still heads the epoch
+    ("Epoch 1/1"), and history.csv counts it as epoch 1."""
+    output_dir, printed = run_over_an_earlier_run
+    assert "no test set (--no-test)" in printed and not (output_dir / "submission.csv").exists()
+    assert "Epoch 1/1\n" in printed
+    assert pd.read_csv(output_dir / "history.csv")["epoch"].tolist() == [1]
+
+
+def test_the_competition_folder_without_test_studies_names_the_file_and_no_test(tmp_path, capsys):
+    """The missing test_series_descriptions.csv used to surface as OUT/prepared/test.csv "not found", a file the
+    tool makes itself. Now the competition's file is named, with the way to train without a test set."""
+    competition = tmp_path / "competition"
+    competition.mkdir()
+    (competition / "train_series_descriptions.csv").write_text("study_id,series_id,series_description\n1,2,T1\n")
+    output_dir = tmp_path / "output"
+    assert script.main(["--data-dir", str(competition), "--output-dir", str(output_dir)]) == 2
+    message = capsys.readouterr().err
+    assert f"{competition / 'test_series_descriptions.csv'}: file not found" in message and "--no-test" in message
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        pytest.param("folder", "is a folder, not a model file", id="folder"),
+        pytest.param("random.zip", "a zip archive, but not a Keras model file", id="random zip"),
+    ],
+)
+def test_predict_names_a_model_folder_or_a_foreign_zip_in_one_line(model, expected, tiny_dataset, tmp_path, capsys):
+    """--model DIR without a run's config.json said "file not found", and a zip that is no Keras model gave
+    Keras' many-line TFSMLayer text; each now gets one line of its own."""
+    (tmp_path / "folder").mkdir()
+    with script.zipfile.ZipFile(tmp_path / "random.zip", "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    output_dir = tmp_path / "output"
+    argv = [
+        "predict",
+        "--model",
+        str(tmp_path / model),
+        "--data-dir",
+        str(tiny_dataset),
+        "--output-dir",
+        str(output_dir),
+    ]
+    assert script.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: --model {tmp_path / model}: {expected}") and message.count("\n") == 1
+    assert not output_dir.exists()
+
+
+# ============================================================================================ resuming, the plots
+
+
+def test_resume_position_names_fold_phase_and_epoch(tmp_path):
+    """The line --resume prints before training: the first unfinished fold, its phase, and the next epoch."""
+    _, options = script.parse_arguments(["--epochs", "3", "--fine-tune-epochs", "2", "--folds", "3"])
+    settings = script.severity_model(options)
+    assert script.resume_position(tmp_path, settings, 3) == "fold 1, phase 1, epoch 1"
+    done = script.FoldState.load(tmp_path / "fold1")
+    done.done = True
+    done.save()
+    in_phase_two = script.FoldState.load(tmp_path / "fold2")
+    in_phase_two.finished_phases = [1]
+    in_phase_two.save()
+    assert script.resume_position(tmp_path, settings, 3) == "fold 2, phase 2, epoch 4"
+    in_phase_two.backup_epoch = 4
+    in_phase_two.save()
+    assert script.resume_position(tmp_path, settings, 3) == "fold 2, phase 2, epoch 5"
+
+
+def test_training_curves_mark_the_kept_epoch(tmp_path, monkeypatch):
+    """training_curves.png marks, per fold, the epoch whose weights were kept: the first lowest validation loss."""
+    history = pd.DataFrame(
+        {
+            "fold": [1, 1, 1, 2, 2, 2],
+            "phase": [1, 1, 2, 1, 1, 2],
+            "epoch": [1, 2, 3, 1, 2, 3],
+            "loss": [1.0, 0.8, 0.7, 1.0, 0.9, 0.8],
+            "accuracy": [0.5, 0.6, 0.7, 0.5, 0.6, 0.7],
+            "val_loss": [0.9, 0.5, 0.5, 0.9, 0.8, 0.4],
+            "val_accuracy": [0.5, 0.7, 0.6, 0.5, 0.6, 0.8],
+        }
+    )
+    assert script.kept_epochs(history) == {1: 2, 2: 3}
+    figures = {}
+    write_atomically = script.write_atomically
+
+    def keep_figure(path, write):
+        figures[path.name] = write.__self__
+        write_atomically(path, write)
+
+    monkeypatch.setattr(script, "write_atomically", keep_figure)
+    paths = script.save_plots(history, {"confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}, tmp_path)
+    assert paths["training_curves"].is_file()
+    loss_axis, accuracy_axis = figures["training_curves.png"].axes
+    marks = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_axis.get_lines()}
+    assert marks["fold 1 kept: epoch 2"] == ([2], [0.5]) and marks["fold 2 kept: epoch 3"] == ([3], [0.4])
+    accuracy_marks = {line.get_label(): list(line.get_ydata()) for line in accuracy_axis.get_lines()}
+    assert accuracy_marks["fold 1 kept: epoch 2"] == [0.7]
+
+
+# ============================================================================================ the README's commands
+
+
+def readme_commands(start):
+    """The README's example command lines that begin with `start`."""
+    lines = (REPOSITORY / "README.md").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith(start)]
+
+
+def test_the_readmes_score_command_works_as_printed(tiny_dataset, tiny_run, tmp_path, monkeypatch, capsys):
+    """`python script.py score --solution train.csv --submission oof.csv ...`, run as printed in a folder holding a
+    run's train.csv and oof.csv, scores the validated rows (it used to fail: oof.csv lacks the training rows)."""
+    commands = [command for command in readme_commands("python script.py score") if "oof.csv" in command]
+    assert commands, "the README shows how to score oof.csv"
+    shutil.copy(tiny_dataset / "train.csv", tmp_path / "train.csv")
+    shutil.copy(tiny_run / "oof.csv", tmp_path / "oof.csv")
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert script.main(shlex.split(command)[2:]) == 0, command
+        printed = capsys.readouterr().out
+        scores = script.json.loads(printed.strip().splitlines()[-1])
+        reported = script.json.loads((tiny_run / "metrics.json").read_text())
+        assert scores["score"] == pytest.approx(reported["score"], abs=1e-6)
+        assert "labelled row(s) of the solution left out" in printed
