@@ -567,6 +567,12 @@ def read_coordinates(path):
         numbers = coordinates[["instance_number", "x", "y"]].apply(pd.to_numeric)
     except ValueError as error:
         raise InputError(f"{path}: instance_number, x and y must be numbers ({error}).") from None
+    not_finite = ~np.isfinite(numbers.to_numpy(dtype=float)).all(axis=1)
+    if not_finite.any():  # A blank cell reads as NaN, which would crop nothing and crash the instance lookup.
+        raise InputError(
+            f"{path}: instance_number, x and y must be finite numbers; blank or infinite on line(s) "
+            f"{list_some(coordinates.index[not_finite] + 2)}."
+        )
     study_id, series_id = coordinates["study_id"].str.strip(), coordinates["series_id"].str.strip()
     coordinates = pd.DataFrame(
         {
@@ -637,8 +643,11 @@ def load_pydicom():
     return pydicom
 
 
-def read_slice(path):
-    """Read one DICOM slice as (float32 pixels with bright meaning dense, row spacing, column spacing)."""
+def read_slice(path, without_spacing=None):
+    """Read one DICOM slice as (float32 pixels with bright meaning dense, row spacing, column spacing).
+
+    A slice without PixelSpacing is taken as 1 mm per pixel; its path is appended to the list without_spacing, when
+    one is given, so that the summary can name its series."""
     pydicom = load_pydicom()
     dataset = pydicom.dcmread(path, force=True)  # Also files written without the 128-byte preamble.
     # Rescale slope and intercept may differ between slices of one series, so apply them before
@@ -648,9 +657,27 @@ def read_slice(path):
     # window below maps either range to 0..255.
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = -pixels
-    # A slice without PixelSpacing is taken as 1 mm per pixel rather than lost.
+    # A slice without PixelSpacing is taken as 1 mm per pixel rather than lost, and reported.
+    if not dataset.get("PixelSpacing") and without_spacing is not None:
+        without_spacing.append(path)
     row_spacing, column_spacing = (float(spacing) for spacing in dataset.get("PixelSpacing") or (1.0, 1.0))
     return pixels, row_spacing, column_spacing
+
+
+def decoding_cause(error):
+    """One line saying why a DICOM file could not be decoded, worded alike for every file with the same cause.
+
+    pydicom explains a missing decoder in four lines per file (one per plugin it tried); this keeps the transfer
+    syntax, what would decode it and how to install that."""
+    text = str(error).strip()
+    missing = re.match(r"Unable to decompress '(.+?)' pixel data because all plugins are missing dependencies", text)
+    if missing:
+        needs = [line.split(" - requires ", 1)[-1].strip() for line in text.splitlines()[1:] if " - requires " in line]
+        return (
+            f"no decoder installed for {missing.group(1)} (it needs one of: {' | '.join(needs)}; for example "
+            "pip install pylibjpeg-libjpeg (GPLv3), or pip install python-gdcm)"
+        )
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'cannot be decoded'}"
 
 
 def intensity_window(slices):
@@ -680,17 +707,19 @@ def slice_triplet(instance_numbers, instance_number):
     )
 
 
-def read_slices(series_dir, instance_numbers):
-    """Read the given instances of a series: (dict of readable slices, names of broken files)."""
+def read_slices(series_dir, instance_numbers, without_spacing=None):
+    """Read the given instances of a series: (dict of readable slices, "path: cause" of each broken file).
+
+    Paths of slices without PixelSpacing are appended to without_spacing, when a list is given (read_slice)."""
     slices, undecodable_files = {}, []
     for instance_number in instance_numbers:
         path = series_dir / f"{instance_number}.dcm"
         try:
-            slices[instance_number] = read_slice(path)
+            slices[instance_number] = read_slice(path, without_spacing)
         # Decoders fail in many ways on damaged or unsupported files; any failure means "skip
         # this file and name it", never a crashed run.
         except Exception as error:
-            undecodable_files.append(f"{path}: {error}")
+            undecodable_files.append(f"{path}: {decoding_cause(error)}")
     return slices, undecodable_files
 
 
@@ -728,6 +757,26 @@ class SeriesResult:
     kept: list = field(default_factory=list)
     missing_files: list = field(default_factory=list)
     undecodable_files: list = field(default_factory=list)
+    missing_instance: list = field(default_factory=list)  # Row ids whose labelled instance the series lacks.
+    outside_image: list = field(default_factory=list)  # Row ids whose crop would be mostly past the slice's edge.
+    without_spacing: list = field(default_factory=list)  # Slices without PixelSpacing, taken as 1 mm per pixel.
+
+
+# A crop of which less than this share lies on its slice is skipped (its row counted, never trained on): its point
+# is outside the slice, or so near an edge that the crop would be mostly black padding.
+MINIMUM_CROP_INSIDE = 0.5
+
+
+def crop_inside_share(shape, x, y, row_spacing, column_spacing, crop_mm):
+    """The share of a crop_mm square centred on (x, y) that lies on a slice of `shape` (rows, columns) pixels.
+
+    Pixel centres are at whole numbers, so the slice covers -0.5 to columns - 0.5 across and likewise down."""
+    shares = []
+    for centre, size, spacing in ((x, shape[1], column_spacing), (y, shape[0], row_spacing)):
+        half = crop_mm / spacing / 2
+        overlap = min(centre + half, size - 0.5) - max(centre - half, -0.5)
+        shares.append(max(overlap, 0.0) / (2 * half))
+    return shares[0] * shares[1]
 
 
 def crop_around(image, x, y, row_spacing, column_spacing, crop_mm, crop_pixels, fill=0):
@@ -781,14 +830,20 @@ def crop_series(task, crop_mm, crop_pixels):
             triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
         elif crop in pending:
             result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
+            result.missing_instance.append(crop.row_id)
     # Read the slices of every crop, also those already on disk, so the window does not depend
     # on which crops a resumed run still had to write.
-    slices, result.undecodable_files = read_slices(task.series_dir, sorted(set().union(*triplets.values())))
+    instances = sorted(set().union(*triplets.values()))
+    slices, result.undecodable_files = read_slices(task.series_dir, instances, result.without_spacing)
     if not slices:
         return result
     window = intensity_window([pixels for pixels, _, _ in slices.values()])
     for crop in pending:
         if crop.instance_number not in slices:
+            continue
+        pixels, row_spacing, column_spacing = slices[crop.instance_number]
+        if crop_inside_share(pixels.shape, crop.x, crop.y, row_spacing, column_spacing, crop_mm) < MINIMUM_CROP_INSIDE:
+            result.outside_image.append(crop.row_id)  # Would be mostly black: skipped, never trained on.
             continue
         channels = []
         for instance_number in triplets[crop]:
@@ -822,14 +877,21 @@ def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
 
     Threads rather than processes: most of the time goes to file I/O, NumPy and OpenCV, which
     release the GIL, processes measured no faster, and threads also work from a notebook.
+    On a terminal the progress is a bar; in a saved log or a notebook, a plain line every tenth of the crops.
     """
-    progress = keras.utils.Progbar(sum(len(task.crops) for task in tasks), unit_name="crop")
+    total = sum(len(task.crops) for task in tasks)
+    progress = keras.utils.Progbar(total, unit_name="crop") if sys.stdout.isatty() else None
     crop_one_series = functools.partial(crop_series, crop_mm=crop_mm, crop_pixels=crop_pixels)
-    results = []
+    results, done, tenths = [], 0, 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
         for task, result in zip(tasks, executor.map(crop_one_series, tasks)):
-            progress.add(len(task.crops))
             results.append(result)
+            done += len(task.crops)
+            if progress is not None:
+                progress.add(len(task.crops))
+            elif done * 10 // total > tenths:
+                tenths = done * 10 // total
+                print(f"crops: {done:,}/{total:,} ({done / total:.0%})", flush=True)
     return results
 
 
@@ -2405,6 +2467,7 @@ def prepare_competition(
     results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
     written = [row_id for result in results for row_id in result.written]
     kept = [row_id for result in results for row_id in result.kept]
+    outside = [row_id for result in results for row_id in result.outside_image]
     has_image = rows["row_id"].isin(set(written) | set(kept))
     rows["image_path"] = ("images/" + split + "/" + rows["row_id"] + ".png").where(has_image, "")
     if split == "train":
@@ -2420,11 +2483,27 @@ def prepare_competition(
         "images_written": len(written),
         "images_kept": len(kept),
         **skipped,
-        "without_image": int((rows["series_id"].notna() & ~has_image).sum()),
+        "outside_image": len(outside),
+        "without_image": int((rows["series_id"].notna() & ~has_image & ~rows["row_id"].isin(outside)).sum()),
+        "outside_image_row_ids": outside,
+        "missing_instance_row_ids": [row_id for result in results for row_id in result.missing_instance],
         # Several crops can miss the same file; name it once.
         "missing_files": list(dict.fromkeys(name for result in results for name in result.missing_files)),
         "undecodable_files": [name for result in results for name in result.undecodable_files],
+        "series_without_spacing": list(
+            dict.fromkeys(str(Path(path).parent) for result in results for path in result.without_spacing)
+        ),
     }
+
+
+def undecodable_by_cause(undecodable_files):
+    """{cause: paths} of the "path.dcm: cause" entries; causes that differ only in their numbers are one cause."""
+    causes, wording = {}, {}
+    for entry in undecodable_files:
+        path, cause = entry.split(".dcm: ", 1) if ".dcm: " in entry else (entry, "cannot be decoded")
+        key = re.sub(r"\d+", "#", cause)
+        causes.setdefault(wording.setdefault(key, cause), []).append(path + ".dcm")
+    return causes
 
 
 def print_prepare_summary(summary):
@@ -2437,14 +2516,22 @@ def print_prepare_summary(summary):
     reasons = {
         "blank_label": "with a blank label",
         "without_coordinate": "without a coordinate",
-        "without_image": "without an image",
+        "outside_image": "whose point is outside its slice or whose crop would be mostly past its edge",
+        "without_image": "without an image (a missing or undecodable file)",
     }
     counts = ", ".join(f"{summary[key]:,} {reason}" for key, reason in reasons.items() if key in summary)
     print(f"Rows {'skipped' if split == 'train' else 'given an empty image_path'}: {counts}.")
+    if summary.get("outside_image_row_ids"):
+        print(f"Points outside their slice (or crops mostly past it): {list_some(summary['outside_image_row_ids'])}.")
+    if summary.get("missing_instance_row_ids"):
+        print(f"Points on an instance their series lacks: {list_some(summary['missing_instance_row_ids'])}.")
     if summary["missing_files"]:
         print(f"Missing series folders or instance files: {list_some(summary['missing_files'])}.")
-    if summary["undecodable_files"]:
-        print(f"Undecodable DICOM files: {list_some(summary['undecodable_files'])}.")
+    for cause, paths in undecodable_by_cause(summary["undecodable_files"]).items():
+        print(f"Undecodable DICOM files: {len(paths):,} with {cause}: {list_some(paths, limit=3)}.")
+    if summary.get("series_without_spacing"):
+        series = summary["series_without_spacing"]
+        print(f"Series without PixelSpacing, cropped at 1 mm per pixel: {len(series):,}: {list_some(series, limit=5)}.")
 
 
 def run_score(solution_path, submission_path, only_submitted=False):

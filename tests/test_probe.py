@@ -9,7 +9,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 
+import dicom_synthetic
 import numpy as np
 import pandas as pd
 import pytest
@@ -403,3 +405,181 @@ def test_the_readmes_score_command_works_as_printed(tiny_dataset, tiny_run, tmp_
         reported = script.json.loads((tiny_run / "metrics.json").read_text())
         assert scores["score"] == pytest.approx(reported["score"], abs=1e-6)
         assert "labelled row(s) of the solution left out" in printed
+
+
+# ======================================================================================== prepare: points and files
+
+# pydicom warns about the synthetic competition's deliberately truncated files; prepare reports them instead.
+prepare_warnings = pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")
+CROP_OPTIONS = {"crop_mm": 12.0, "crop_pixels": 32, "workers": 2}
+
+
+def jpeg_ls_without_decoder(path):
+    """Rewrite a DICOM file as JPEG-LS, which no installed plugin decodes here (pylibjpeg-libjpeg, gdcm and
+    pyjpegls are not requirements); the pixel data is never reached, so it can be any JPEG-shaped bytes."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
+    dataset.PixelData = encapsulate([b"\xff\xd8 not really JPEG-LS \xff\xd9"])
+    dataset.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def probed_competition(tmp_path_factory):
+    """The synthetic competition with the probe's damage: one point far outside its slice, one on an instance the
+    series lacks, one series without PixelSpacing, and two files in JPEG-LS; prepared once.
+    Returns (competition, summary, printed summary, prepare's own output, prepared train.csv)."""
+    import pydicom
+
+    competition = dicom_synthetic.write_synthetic_competition(tmp_path_factory.mktemp("probed"), test_studies=1)
+    coordinates_path = competition.root / "train_label_coordinates.csv"
+    coordinates = pd.read_csv(coordinates_path)
+    coordinates["row_id"] = (
+        coordinates["study_id"].astype(str)
+        + "_"
+        + script.snake_case(coordinates["condition"])
+        + "_"
+        + script.snake_case(coordinates["level"])
+    )
+    outside = coordinates.index[coordinates["row_id"] == "1000_spinal_canal_stenosis_l2_l3"][0]
+    coordinates.loc[outside, ["x", "y"]] = (5000.0, -300.0)
+    lacking = coordinates.index[coordinates["row_id"] == "1000_spinal_canal_stenosis_l4_l5"][0]
+    coordinates.loc[lacking, "instance_number"] = 99
+    coordinates.drop(columns="row_id").to_csv(coordinates_path, index=False)
+    series = competition.root / "train_images" / "1001" / "10011"  # Sagittal T1 of the second study.
+    for path in series.glob("*.dcm"):
+        dataset = pydicom.dcmread(path)
+        del dataset.PixelSpacing
+        dataset.save_as(path, enforce_file_format=True)
+    jpeg_ls = [competition.root / "train_images" / "1000" / "10002" / f"{number}.dcm" for number in (3, 5)]
+    for path in jpeg_ls:
+        jpeg_ls_without_decoder(path)
+    out_dir = tmp_path_factory.mktemp("probed_prepared")
+    capture = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(capture):
+        warnings.simplefilter("ignore", UserWarning)
+        summary = script.prepare_competition(competition.root, out_dir, **CROP_OPTIONS)
+        prepare_output = capture.getvalue()
+        script.print_prepare_summary(summary)
+    printed = capture.getvalue()[len(prepare_output) :]
+    table = pd.read_csv(out_dir / "train.csv")
+    return competition, summary, printed, prepare_output, table, {"series": series, "jpeg_ls": jpeg_ls}
+
+
+def test_points_outside_their_slice_or_instance_are_skipped_and_named(probed_competition):
+    """x=5000, y=-300 gave an all-black crop that was trained on; now it is skipped and named by row_id, like a
+    point on an instance the series lacks."""
+    _, summary, printed, _, table, _ = probed_competition
+    assert summary["outside_image_row_ids"] == ["1000_spinal_canal_stenosis_l2_l3"]
+    # The synthetic competition's own deleted instance file loses two more rows.
+    assert "1000_spinal_canal_stenosis_l4_l5" in summary["missing_instance_row_ids"]
+    assert not {"1000_spinal_canal_stenosis_l2_l3", "1000_spinal_canal_stenosis_l4_l5"} & set(table["row_id"])
+    assert "1 whose point is outside its slice" in printed
+    assert "Points outside their slice (or crops mostly past it): 1000_spinal_canal_stenosis_l2_l3." in printed
+    assert "Points on an instance their series lacks: " in printed and "1000_spinal_canal_stenosis_l4_l5" in printed
+
+
+def test_the_share_of_a_crop_on_its_slice():
+    """The geometry behind the rule: a crop on the middle lies wholly on its slice, one centred on a corner keeps a
+    quarter, one around a point far outside keeps nothing; below MINIMUM_CROP_INSIDE (a half) it is skipped."""
+    assert script.crop_inside_share((100, 100), 50, 50, 1.0, 1.0, 20.0) == 1.0
+    assert script.crop_inside_share((100, 100), -0.5, -0.5, 1.0, 1.0, 20.0) == pytest.approx(0.25)
+    assert script.crop_inside_share((100, 100), 5000, -300, 1.0, 1.0, 20.0) == 0.0
+
+
+def test_series_without_pixel_spacing_are_named_in_the_summary(probed_competition):
+    """A missing PixelSpacing means 1 mm per pixel, as before, but no longer silently: the series is named."""
+    _, summary, printed, _, _, damaged = probed_competition
+    assert summary["series_without_spacing"] == [str(damaged["series"])]
+    assert f"Series without PixelSpacing, cropped at 1 mm per pixel: 1: {damaged['series']}." in printed
+
+
+def test_undecodable_files_are_grouped_by_cause_with_the_install_hint(probed_competition):
+    """The JPEG-LS files without a decoder get one line together, with a count, their paths and what to install,
+    instead of pydicom's four lines per file; the truncated files get a line of their own."""
+    competition, _, printed, _, _, damaged = probed_competition
+    lines = [line for line in printed.splitlines() if line.startswith("Undecodable DICOM files")]
+    jpeg_ls = [line for line in lines if "JPEG-LS" in line]
+    assert len(jpeg_ls) == 1 and jpeg_ls[0].startswith("Undecodable DICOM files: 2 with no decoder installed for")
+    assert all(str(path) in jpeg_ls[0] for path in damaged["jpeg_ls"]) and "pip install" in jpeg_ls[0]
+    truncated = [line for line in lines if "JPEG-LS" not in line]
+    assert truncated and all(any(str(path) in line for line in truncated) for path in competition.corrupt_paths)
+    assert "\t" not in printed and printed.count("requires") == 0
+
+
+def test_prepare_prints_plain_progress_lines_into_a_log(probed_competition):
+    """Redirected, prepare's progress is a few plain lines, without the progress bar's carriage returns or colours."""
+    _, summary, _, prepare_output, _, _ = probed_competition
+    assert "\r" not in prepare_output and "\x1b" not in prepare_output
+    lines = prepare_output.splitlines()
+    assert lines and all(line.startswith("crops: ") for line in lines) and len(lines) <= 10
+    assert lines[-1].endswith("(100%)")
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_blank_coordinate_is_refused_naming_the_line(row, tmp_path):
+    """A blank x (or instance_number) read as NaN and crashed the instance lookup; now the line is named."""
+    path = tmp_path / "coordinates.csv"
+    cells = [["7", "70", "3", "Spinal Canal Stenosis", "L1/L2", "10.5", "20.5"]] * 2
+    cells[row] = [*cells[row][:5], "", "20.5"] if row == 0 else [*cells[row][:2], "", *cells[row][3:]]
+    path.write_text(COORDINATE_HEADER + "".join(",".join(line) + "\n" for line in cells))
+    with pytest.raises(script.InputError, match=f"finite numbers; blank or infinite on line.s. {row + 2}"):
+        script.read_coordinates(path)
+
+
+TRANSFER_SYNTAXES = (
+    "ExplicitVRLittleEndian",
+    "ImplicitVRLittleEndian",
+    "DeflatedExplicitVRLittleEndian",
+    "ExplicitVRBigEndian",
+    "RLELossless",
+    "JPEG2000Lossless",
+)
+
+
+def write_series(series_dir, transfer_syntax, displayed):
+    """One three-slice series of the same pictures, stored in the given transfer syntax."""
+    import pydicom
+
+    uid = getattr(pydicom.uid, transfer_syntax)
+    kind = dicom_synthetic.SeriesKind(
+        "Axial T2", (), "MONOCHROME2", (0.4, 0.5), (64, 48), pydicom.uid.ExplicitVRLittleEndian
+    )
+    for instance_number, pixels in enumerate(displayed, start=1):
+        path = series_dir / f"{instance_number}.dcm"
+        dicom_synthetic.write_dicom(path, kind, 1, 10, instance_number, pixels)
+        if uid == pydicom.uid.ExplicitVRLittleEndian:
+            continue
+        dataset = pydicom.dcmread(path)
+        if uid.is_compressed:
+            dataset.compress(uid)
+        elif not uid.is_little_endian:  # pydicom leaves the pixel bytes to the writer: swap them by hand.
+            dataset.PixelData = dataset.pixel_array.astype(">u2").tobytes()
+            dataset.file_meta.TransferSyntaxUID = uid
+            pydicom.dcmwrite(path, dataset, little_endian=False, implicit_vr=False, force_encoding=True)
+            continue
+        else:
+            dataset.file_meta.TransferSyntaxUID = uid
+        dataset.save_as(path, enforce_file_format=True)
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid
+
+
+def test_every_lossless_encoding_gives_the_same_crop(tmp_path):
+    """The same slices stored uncompressed (explicit, implicit, big endian, deflated), RLE or JPEG 2000 lossless
+    decode to byte-identical crops."""
+    pytest.importorskip("openjpeg", reason="JPEG 2000 needs pylibjpeg-openjpeg (in the requirements)")
+    generator = np.random.default_rng(0)
+    kind = dicom_synthetic.SeriesKind("Axial T2", (), "MONOCHROME2", (0.4, 0.5), (64, 48), None)
+    displayed = [dicom_synthetic.displayed_slice(kind, number, [(20.0, 30.0)], generator) for number in (1, 2, 3)]
+    crops = {}
+    for transfer_syntax in TRANSFER_SYNTAXES:
+        series_dir = tmp_path / transfer_syntax
+        write_series(series_dir, transfer_syntax, displayed)
+        output = tmp_path / f"{transfer_syntax}.png"
+        task = script.SeriesTask(series_dir, (script.Crop("row", 2, 20.0, 30.0, output),))
+        result = script.crop_series(task, crop_mm=12.0, crop_pixels=32)
+        assert result.written == ["row"] and not result.undecodable_files, (transfer_syntax, result)
+        crops[transfer_syntax] = output.read_bytes()
+    assert len(set(crops.values())) == 1, [name for name in crops if crops[name] != crops[TRANSFER_SYNTAXES[0]]]
