@@ -364,8 +364,11 @@ def parse_labels(path, frame):
 
 
 def resolve_image_paths(data_dir, frame):
-    """Image paths are relative to the data folder, or absolute. An empty path stays None."""
-    return [str(data_dir / path) if path.strip() else None for path in frame["image_path"]]
+    """Image paths are relative to the data folder, or absolute. An empty path stays None.
+
+    Spaces around a path are dropped: a CSV written with ", " between its cells would otherwise make every image
+    "missing" for the space before its path."""
+    return [str(data_dir / path.strip()) if path.strip() else None for path in frame["image_path"]]
 
 
 def image_problem(image_path):
@@ -2330,6 +2333,12 @@ def train(options):
     settings = severity_model(options)
     table = load_train_table(options.data_dir, options.skip_bad_images)
     test_table = load_test_table(options.data_dir) if not options.no_test else pd.DataFrame(columns=TEST_COLUMNS)
+    in_both = test_table["row_id"][test_table["row_id"].isin(table["row_id"])]
+    if len(in_both):
+        print(
+            f"warning: {len(in_both)} test.csv row_id(s) also appear in train.csv ({list_some(in_both, limit=5)}): "
+            "the test set repeats training rows, so predicting them tells nothing about new data."
+        )
     weights, weights_source = resolve_weights(settings.weights)
     folds = split_folds(table, options.folds, options.val_fraction, options.seed)
     strategy = choose_strategy(options.strategy)  # First: a multi-worker strategy must precede other TF work.

@@ -583,3 +583,41 @@ def test_every_lossless_encoding_gives_the_same_crop(tmp_path):
         assert result.written == ["row"] and not result.undecodable_files, (transfer_syntax, result)
         crops[transfer_syntax] = output.read_bytes()
     assert len(set(crops.values())) == 1, [name for name in crops if crops[name] != crops[TRANSFER_SYNTAXES[0]]]
+
+
+# ================================================================================================ odd but valid data
+
+
+def test_comma_space_separated_tables_find_their_images(tmp_path):
+    """A CSV written with ", " between cells: the headers were accepted but every image_path kept its leading space,
+    so every image went "missing". Spaces around paths are dropped; row_ids stay exactly as written."""
+    root = seed_layout(tmp_path / "data")
+    for name in ("train.csv", "test.csv"):
+        lines = (root / name).read_text().splitlines()
+        (root / name).write_text("".join(", ".join(line.split(",")) + "\n" for line in lines))
+    train, test = script.load_train_table(root), script.load_test_table(root)
+    expected = pd.read_csv(root / "train.csv", dtype=str, skipinitialspace=True)
+    assert train["row_id"].tolist() == expected["row_id"].tolist()
+    assert all(os.path.isfile(path) for path in [*train["image_path"], *test["image_path"]])
+
+
+class StopBeforeTraining(Exception):
+    """Raised by the stand-in for training: the run got past every check."""
+
+
+def stop_before_training(*arguments):
+    raise StopBeforeTraining
+
+
+def test_test_row_ids_that_are_also_training_rows_get_a_one_line_warning(tmp_path, monkeypatch, capsys):
+    root = seed_layout(tmp_path / "data")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    test = pd.read_csv(root / "test.csv", dtype=str)
+    test.loc[0, "row_id"] = train.loc[2, "row_id"]
+    test.to_csv(root / "test.csv", index=False)
+    monkeypatch.setattr(script, "train_fold", stop_before_training)
+    with pytest.raises(StopBeforeTraining):
+        script.main(["--weights", "none", "--data-dir", str(root), "--output-dir", str(tmp_path / "output")])
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "1 test.csv row_id(s) also appear in train.csv" in warning[0]
+    assert train.loc[2, "row_id"] in warning[0]
