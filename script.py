@@ -875,6 +875,46 @@ def crop_tasks(rows, images_dir, output_dir):
     ]
 
 
+# Beside each crop folder (OUT/images/train), OUT/images/train_crops.csv records what every crop was cut from. A
+# rerun keeps a crop only if it would be cut from the same thing again, so that crops of other settings, points or
+# data never mix with the new ones.
+
+
+def crop_sources(tasks, crop_mm, crop_pixels):
+    """{row_id: what its crop is cut from}: the file, the point, the size, and the series' labelled instances
+    (they choose the slices that set the series' intensity window)."""
+    sources = {}
+    for task in tasks:
+        series = task.series_dir.resolve()
+        instances = ",".join(str(number) for number in sorted({crop.instance_number for crop in task.crops}))
+        for crop in task.crops:
+            sources[crop.row_id] = (
+                f"{series}/{crop.instance_number}.dcm at ({crop.x!r}, {crop.y!r}); {crop_mm!r} mm, {crop_pixels} px; "
+                f"window from instances {instances}"
+            )
+    return sources
+
+
+def refresh_crop_record(crops_dir, sources):
+    """Delete the crops in crops_dir that were cut from anything but `sources` says (or are not recorded at all),
+    then record `sources`; returns how many were deleted. Done before cutting, so a killed run resumes safely."""
+    record_path = crops_dir.with_name(f"{crops_dir.name}_crops.csv")
+    previous = {}
+    if record_path.is_file():
+        recorded = pd.read_csv(record_path, dtype=str, keep_default_na=False)
+        previous = dict(zip(recorded["row_id"], recorded["source"]))
+    stale = [path for path in crops_dir.glob("*.png") if previous.get(path.stem) != sources.get(path.stem, "")]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(
+            f"note: {len(stale):,} crop(s) in {crops_dir} came from other points, files or settings (--crop-mm, "
+            "--crop-pixels), or from an earlier version; they are cut again or removed."
+        )
+    write_csv(pd.DataFrame({"row_id": list(sources), "source": list(sources.values())}), record_path)
+    return len(stale)
+
+
 def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
     """Run the series tasks on a thread pool with a progress bar; returns one result per task.
 
@@ -2473,6 +2513,7 @@ def prepare_competition(
             raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
         load_pydicom()
     output_dir.mkdir(parents=True, exist_ok=True)
+    refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
     results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
     written = [row_id for result in results for row_id in result.written]
     kept = [row_id for result in results for row_id in result.kept]

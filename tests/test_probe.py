@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 
+import cv2
 import dicom_synthetic
 import numpy as np
 import pandas as pd
@@ -621,3 +622,24 @@ def test_test_row_ids_that_are_also_training_rows_get_a_one_line_warning(tmp_pat
     warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "1 test.csv row_id(s) also appear in train.csv" in warning[0]
     assert train.loc[2, "row_id"] in warning[0]
+
+
+@prepare_warnings
+def test_a_rerun_with_other_settings_or_points_cuts_those_crops_again(tmp_path, capsys):
+    """prepare keeps crops already written, so a rerun used to keep 12 mm crops beside new 20 mm ones, or a crop of
+    a point since corrected. Now only crops cut from the very same file, point and settings are kept."""
+    competition = dicom_synthetic.write_synthetic_competition(tmp_path / "competition", test_studies=1)
+    out_dir = tmp_path / "prepared"
+    first = script.prepare_competition(competition.root, out_dir, **CROP_OPTIONS)
+    assert first["images_written"] > 0 and "came from other points" not in capsys.readouterr().out
+    larger = script.prepare_competition(competition.root, out_dir, **{**CROP_OPTIONS, "crop_pixels": 16})
+    assert (larger["images_written"], larger["images_kept"]) == (first["images_written"], 0)
+    assert "came from other points" in capsys.readouterr().out
+    crops = sorted((out_dir / "images" / "train").glob("*.png"))
+    assert {cv2.imread(str(path)).shape for path in crops} == {(16, 16, 3)}
+    coordinates_path = competition.root / "train_label_coordinates.csv"
+    coordinates = pd.read_csv(coordinates_path)
+    coordinates.loc[len(coordinates) - 1, "x"] += 1.0  # One point corrected by a pixel.
+    coordinates.to_csv(coordinates_path, index=False)
+    corrected = script.prepare_competition(competition.root, out_dir, **{**CROP_OPTIONS, "crop_pixels": 16})
+    assert (corrected["images_written"], corrected["images_kept"]) == (1, first["images_written"] - 1)
