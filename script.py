@@ -576,6 +576,17 @@ def read_coordinates(path):
             f"{path}: instance_number, x and y must be finite numbers; blank or infinite on line(s) "
             f"{list_some(coordinates.index[not_finite] + 2)}."
         )
+    fractional = numbers["instance_number"] % 1 != 0
+    if fractional.any():  # Files are named by whole instance numbers; 3.5 must not quietly become 3.
+        raise InputError(
+            f"{path}: instance_number must be a whole number; it is not on line(s) "
+            f"{list_some(coordinates.index[fractional] + 2)}."
+        )
+    blank_ids = (coordinates[["study_id", "series_id"]].apply(lambda column: column.str.strip()) == "").any(axis=1)
+    if blank_ids.any():  # A blank series_id would point at the study's folder instead of a series.
+        raise InputError(
+            f"{path}: blank study_id or series_id on line(s) {list_some(coordinates.index[blank_ids] + 2)}."
+        )
     study_id, series_id = coordinates["study_id"].str.strip(), coordinates["series_id"].str.strip()
     coordinates = pd.DataFrame(
         {
@@ -595,7 +606,14 @@ def read_coordinates(path):
 
 def read_labels(path):
     """The competition's train.csv as row_id plus one-hot CLASS_NAMES columns, NaN for blank labels."""
-    return labels_from_wide(read_competition_csv(path, ["study_id", *WIDE_LABEL_COLUMNS]))
+    frame = read_competition_csv(path, ["study_id", *WIDE_LABEL_COLUMNS])
+    study_id = frame["study_id"].str.strip()
+    if (study_id == "").any() or study_id.duplicated().any():  # Refused here, not as the prepared train.csv's rows.
+        bad = sorted(set(study_id[study_id.duplicated()])) or ["(blank)"]
+        raise InputError(
+            f"{path}: each study_id must be given once and not blank; repeated or blank: {list_some(bad)}."
+        )
+    return labels_from_wide(frame)
 
 
 def labelled_rows(labels, coordinates):
@@ -1199,6 +1217,10 @@ def resolve_weights(choice):
     if not path.is_file():
         problem = "is a folder, not a weights file" if path.is_dir() else "file not found"
         raise InputError(f"--weights {choice}: {problem}. Pass imagenet, none, or a path to a weights file.")
+    import h5py  # A TensorFlow dependency; Keras reads .h5 weights with it.
+
+    if not h5py.is_hdf5(path):  # Checked now, before anything is written, not when the first fold builds its model.
+        raise InputError(f"--weights {choice}: not an HDF5 weights file (.h5), as ResNet50's notop weights are.")
     return str(path), f"file {path}"
 
 
@@ -1330,10 +1352,17 @@ def recalibrate_batch_normalization(model, batches):
 def load_saved_model(path):
     """A saved .keras model, loaded in safe mode so that a model file cannot run arbitrary code."""
     try:
-        return keras.models.load_model(path, safe_mode=True)
+        model = keras.models.load_model(path, safe_mode=True)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0][:300]  # Keras' texts run to many lines.
         raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {reason}).") from None
+    input_shape, output_shape = model.input_shape, model.output_shape
+    if not (len(input_shape) == 4 and input_shape[-1] == 3 and output_shape[-1:] == (len(CLASS_NAMES),)):
+        raise InputError(
+            f"--model {path}: maps {input_shape} to {output_shape}, but a severity model maps RGB images "
+            f"(None, size, size, 3) to {len(CLASS_NAMES)} class probabilities. Pass a model this script trained."
+        )
+    return model
 
 
 # == 8. fitting ========================================================================================================
@@ -1724,6 +1753,28 @@ def run_phase(model, batches, phase, first_epoch, end_epoch, state):
         if failure:
             raise failure from None
         raise
+
+
+def is_fresh_keras_function_note(record):
+    """True for TensorFlow's "N out of the last M calls to ...multi_step_on_iterator triggered tf.function retracing".
+
+    That note counts traces by the traced function's code, and Keras builds its train and test functions anew from
+    one code object at every compile: two per phase, so four per fold, each traced exactly once. With only a few
+    steps per epoch (small data, --folds 2) the note then fires, though nothing was traced twice. The real retraces
+    it hid, of the precise-BatchNorm pass and of prediction on a short last batch, are gone (one trace per model:
+    recalibrate_batch_normalization, ImageBatches' full_batches); a retrace of any other function still shows."""
+    message = record.getMessage()
+    return "triggered tf.function retracing" in message and "multi_step_on_iterator" in message
+
+
+def keep_tensorflow_record(record):
+    """The filter on TensorFlow's logger that drops is_fresh_keras_function_note's false alarm."""
+    return not is_fresh_keras_function_note(record)
+
+
+# By name, so that a script pasted into a notebook twice adds it once.
+if not any(getattr(known, "__name__", "") == "keep_tensorflow_record" for known in tf.get_logger().filters):
+    tf.get_logger().addFilter(keep_tensorflow_record)
 
 
 def phase_description(phase, settings):
@@ -2449,16 +2500,21 @@ def predict(options):
         config_path = options.model[0].parent / "config.json"
         if not config_path.is_file():
             raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
-        constants = {
-            key: np.array(value) for key, value in json.loads(config_path.read_text())["best_constants"].items()
-        }
-    output_dir = prepare_output_dir(options.output_dir)
+        try:
+            saved_constants = json.loads(config_path.read_text())["best_constants"]
+            constants = {key: np.array(value, dtype=float) for key, value in saved_constants.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise InputError(
+                f"{config_path}: not a training run's config.json with best_constants ({type(error).__name__}: "
+                f"{error}). Restore the file the training run wrote."
+            ) from None
     test_images = test_table["image_path"].dropna().tolist()
     image_probabilities = []
     for path in options.model:  # One model in memory at a time.
         image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
         keras.backend.clear_session()
     probabilities = fill_rows_without_image(test_table, np.mean(image_probabilities, axis=0), constants)
+    output_dir = prepare_output_dir(options.output_dir)  # Only now: a refused model leaves no folder behind.
     path = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
     print(f"wrote {path}: {len(test_table)} rows from {len(options.model)} model(s)")
     return 0
@@ -2688,6 +2744,22 @@ non_negative_int = integer_at_least(0)
 pixels_at_least_32 = integer_at_least(32, " (ResNet50's smallest input)")
 
 
+def positive_number(text):
+    """An argparse type: a finite number above 0 (a learning rate, a crop size in millimetres)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def seed_number(text):
+    """An argparse type: a seed NumPy accepts, 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}, got {text}")
+    return value
+
+
 def fraction(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -2700,7 +2772,7 @@ def three_positive_weights(text):
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != len(CLASS_NAMES) or min(values) <= 0:
+    if len(values) != len(CLASS_NAMES) or not all(math.isfinite(value) and value > 0 for value in values):
         raise argparse.ArgumentTypeError(f"needs {len(CLASS_NAMES)} positive numbers like 1,2,4, got {text}")
     return values
 
@@ -2776,11 +2848,11 @@ def build_parser(command):
             "frozen (default: %(default)s)",
         )
         parser.add_argument(
-            "--lr", type=float, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)"
+            "--lr", type=positive_number, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)"
         )
         parser.add_argument(
             "--fine-tune-lr",
-            type=float,
+            type=positive_number,
             default=FINE_TUNE_LEARNING_RATE,
             help="phase 2 learning rate (default: %(default)g)",
         )
@@ -2809,7 +2881,7 @@ def build_parser(command):
             default=FOLDS,
             help="K > 1 trains K models on grouped, stratified folds and averages them (default: %(default)s)",
         )
-        parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
+        parser.add_argument("--seed", type=seed_number, default=SEED, help="random seed (default: %(default)s)")
         parser.add_argument(
             "--strategy",
             choices=STRATEGIES,
@@ -2862,7 +2934,10 @@ def build_parser(command):
             "so test rows get an empty image_path)",
         )
         parser.add_argument(
-            "--crop-mm", type=float, default=PREPARE_CROP_MM, help="crop side in millimetres (default: %(default)s)"
+            "--crop-mm",
+            type=positive_number,
+            default=PREPARE_CROP_MM,
+            help="crop side in millimetres (default: %(default)s)",
         )
         parser.add_argument(
             "--crop-pixels",
