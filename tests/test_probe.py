@@ -737,3 +737,14 @@ def test_predict_refuses_a_model_of_another_shape_and_a_damaged_config(tmp_path,
     assert script.main([*predict, str(tmp_path / "five.keras")]) == 2
     assert f"{tmp_path / 'config.json'}: not a training run's config.json" in capsys.readouterr().err
     assert not output_dir.exists()
+
+
+def test_every_readme_command_line_parses(monkeypatch):
+    """Each complete command line the README shows (placeholders in [...] aside) is accepted by the parser, so
+    the README cannot drift from the options."""
+    monkeypatch.setattr(script, "in_notebook", lambda: False)
+    commands = [command for command in readme_commands("python script.py") if "[" not in command]
+    assert len(commands) >= 6
+    for command in commands:
+        words = shlex.split(command.split("  ")[0])  # A wide gap starts the table's explanation.
+        script.parse_arguments(words[2:])
