@@ -41,9 +41,37 @@ Contents (each section starts with a banner `# == N. name ==`; `grep -n '^# == '
     11. command line            Kaggle discovery, argparse, main
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out of the logs.
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send what C++ code writes to file descriptor 2 to /dev/null for a moment, Python's own stderr included.
+
+    TensorFlow's native libraries print their start-up lines (oneDNN, cudart_stub, and on machines without a GPU
+    "failed call to cuInit") before absl logging is set up, so TF_CPP_MIN_LOG_LEVEL cannot stop them. The
+    descriptor is restored on the way out, before any exception travels on, so a real import error still shows.
+    Where there is no descriptor 2 to redirect (some notebook frontends), nothing is changed.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        silent = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(silent, 2)
+        os.close(silent)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
 
 import argparse
 import concurrent.futures
@@ -66,15 +94,16 @@ import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import cv2
-import keras
-import numpy as np
-import pandas as pd
-import sklearn
-import tensorflow as tf
-from keras import layers
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+with native_stderr_silenced():  # keras imports TensorFlow, whose two native libraries each print the start-up lines.
+    import cv2
+    import keras
+    import numpy as np
+    import pandas as pd
+    import sklearn
+    import tensorflow as tf
+    from keras import layers
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 # == 1. config =========================================================================================================
 # Plain defaults, each also a command-line option (`python script.py --help` says what each does). In a notebook,
@@ -265,6 +294,10 @@ LOCALISER_CHANNELS = (
     ("right_subarticular_stenosis", None),
 )
 KIND_CHANNELS = {"canal": range(0, 5), "foramen": range(5, 10), "recess": range(10, 12)}
+# The least probability the model's predictions (oof.csv, submission.csv) give any class. A float32 softmax can
+# round a class to exactly 0, which the metric clips to 1e-15: one such row of that class would cost about 34.5. At
+# this floor it costs at most 9.2, while a confident right answer loses at most 0.0002.
+PREDICTION_FLOOR = 1e-4
 KAGGLE_ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # Kaggle's folders; tests point this elsewhere.
 
 
@@ -288,8 +321,7 @@ def read_csv(path):
     A UTF-8 byte-order mark and spaces around header names are tolerated; anything unreadable is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found. Check the folder given on the command line.")
+    refuse_unreadable_file(path)
     try:
         # index_col=False: a trailing comma on every data row must not turn row_id into the index.
         with warnings.catch_warnings():
@@ -304,7 +336,24 @@ def read_csv(path):
     if repeated:
         raise InputError(f"{path}: column(s) {', '.join(repeated)} appear more than once. Keep one of each.")
     frame.columns = names
+    if frame.empty:  # Every reader needs rows; without any, later steps would fail far from the cause.
+        raise InputError(f"{path}: has a header but no rows. Check that it is the right file, or fill it in.")
     return frame
+
+
+def refuse_unreadable_file(path, what="file", option=""):
+    """Refuse a path that is missing, a folder, or not a regular file (/dev/null, a pipe), saying which.
+
+    option names the command-line option the path came from, for the message ("--model ")."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option}{path}: is a folder, not a {what}. Give the path of the {what} itself.")
+    if not path.exists():
+        raise InputError(f"{option}{path}: file not found. Check the folder given on the command line.")
+    if not path.is_file():
+        raise InputError(
+            f"{option}{path}: is not a regular file (a device, pipe or socket). Give the path of a {what}."
+        )
 
 
 def require_columns(path, frame, columns):
@@ -375,16 +424,21 @@ def parse_labels(path, frame):
 
 
 def resolve_image_paths(data_dir, frame):
-    """Image paths are relative to the data folder, or absolute. An empty path stays None."""
-    return [str(data_dir / path) if path.strip() else None for path in frame["image_path"]]
+    """Image paths are relative to the data folder, or absolute. An empty path stays None.
+
+    Spaces around a path are dropped: a CSV written with ", " between its cells would otherwise make every image
+    "missing" for the space before its path."""
+    return [str(data_dir / path.strip()) if path.strip() else None for path in frame["image_path"]]
 
 
 def image_problem(image_path):
     """Why an image cannot be used ("missing", "not a readable image"), or None. Cheap: reads the header only."""
     if image_path is None:  # No image on purpose (test rows only).
         return None
+    if os.path.isdir(image_path):
+        return "is a folder, not an image"
     if not os.path.isfile(image_path):
-        return "missing"
+        return "missing" if not os.path.exists(image_path) else "not a regular file"
     if os.path.getsize(image_path) == 0 or not cv2.haveImageReader(image_path):
         return "not a readable image"
     return None
@@ -576,6 +630,23 @@ def read_coordinates(path):
         numbers = coordinates[["instance_number", "x", "y"]].apply(pd.to_numeric)
     except ValueError as error:
         raise InputError(f"{path}: instance_number, x and y must be numbers ({error}).") from None
+    not_finite = ~np.isfinite(numbers.to_numpy(dtype=float)).all(axis=1)
+    if not_finite.any():  # A blank cell reads as NaN, which would crop nothing and crash the instance lookup.
+        raise InputError(
+            f"{path}: instance_number, x and y must be finite numbers; blank or infinite on line(s) "
+            f"{list_some(coordinates.index[not_finite] + 2)}."
+        )
+    fractional = numbers["instance_number"] % 1 != 0
+    if fractional.any():  # Files are named by whole instance numbers; 3.5 must not quietly become 3.
+        raise InputError(
+            f"{path}: instance_number must be a whole number; it is not on line(s) "
+            f"{list_some(coordinates.index[fractional] + 2)}."
+        )
+    blank_ids = (coordinates[["study_id", "series_id"]].apply(lambda column: column.str.strip()) == "").any(axis=1)
+    if blank_ids.any():  # A blank series_id would point at the study's folder instead of a series.
+        raise InputError(
+            f"{path}: blank study_id or series_id on line(s) {list_some(coordinates.index[blank_ids] + 2)}."
+        )
     study_id, series_id = coordinates["study_id"].str.strip(), coordinates["series_id"].str.strip()
     coordinates = pd.DataFrame(
         {
@@ -595,7 +666,14 @@ def read_coordinates(path):
 
 def read_labels(path):
     """The competition's train.csv as row_id plus one-hot CLASS_NAMES columns, NaN for blank labels."""
-    return labels_from_wide(read_competition_csv(path, ["study_id", *WIDE_LABEL_COLUMNS]))
+    frame = read_competition_csv(path, ["study_id", *WIDE_LABEL_COLUMNS])
+    study_id = frame["study_id"].str.strip()
+    if (study_id == "").any() or study_id.duplicated().any():  # Refused here, not as the prepared train.csv's rows.
+        bad = sorted(set(study_id[study_id.duplicated()])) or ["(blank)"]
+        raise InputError(
+            f"{path}: each study_id must be given once and not blank; repeated or blank: {list_some(bad)}."
+        )
+    return labels_from_wide(frame)
 
 
 def labelled_rows(labels, coordinates):
@@ -646,8 +724,11 @@ def load_pydicom():
     return pydicom
 
 
-def read_slice(path):
-    """Read one DICOM slice as (float32 pixels with bright meaning dense, row spacing, column spacing)."""
+def read_slice(path, without_spacing=None):
+    """Read one DICOM slice as (float32 pixels with bright meaning dense, row spacing, column spacing).
+
+    A slice without PixelSpacing is taken as 1 mm per pixel; its path is appended to the list without_spacing, when
+    one is given, so that the summary can name its series."""
     pydicom = load_pydicom()
     dataset = pydicom.dcmread(path, force=True)  # Also files written without the 128-byte preamble.
     # Rescale slope and intercept may differ between slices of one series, so apply them before
@@ -657,9 +738,27 @@ def read_slice(path):
     # window below maps either range to 0..255.
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = -pixels
-    # A slice without PixelSpacing is taken as 1 mm per pixel rather than lost.
+    # A slice without PixelSpacing is taken as 1 mm per pixel rather than lost, and reported.
+    if not dataset.get("PixelSpacing") and without_spacing is not None:
+        without_spacing.append(path)
     row_spacing, column_spacing = (float(spacing) for spacing in dataset.get("PixelSpacing") or (1.0, 1.0))
     return pixels, row_spacing, column_spacing
+
+
+def decoding_cause(error):
+    """One line saying why a DICOM file could not be decoded, worded alike for every file with the same cause.
+
+    pydicom explains a missing decoder in four lines per file (one per plugin it tried); this keeps the transfer
+    syntax, what would decode it and how to install that."""
+    text = str(error).strip()
+    missing = re.match(r"Unable to decompress '(.+?)' pixel data because all plugins are missing dependencies", text)
+    if missing:
+        needs = [line.split(" - requires ", 1)[-1].strip() for line in text.splitlines()[1:] if " - requires " in line]
+        return (
+            f"no decoder installed for {missing.group(1)} (it needs one of: {' | '.join(needs)}; for example "
+            "pip install pylibjpeg-libjpeg (GPLv3), or pip install python-gdcm)"
+        )
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'cannot be decoded'}"
 
 
 def intensity_window(slices):
@@ -700,17 +799,19 @@ def neighbours_along_normal(series_dir):
     return neighbours
 
 
-def read_slices(series_dir, instance_numbers):
-    """Read the given instances of a series: (dict of readable slices, names of broken files)."""
+def read_slices(series_dir, instance_numbers, without_spacing=None):
+    """Read the given instances of a series: (dict of readable slices, "path: cause" of each broken file).
+
+    Paths of slices without PixelSpacing are appended to without_spacing, when a list is given (read_slice)."""
     slices, undecodable_files = {}, []
     for instance_number in instance_numbers:
         path = series_dir / f"{instance_number}.dcm"
         try:
-            slices[instance_number] = read_slice(path)
+            slices[instance_number] = read_slice(path, without_spacing)
         # Decoders fail in many ways on damaged or unsupported files; any failure means "skip
         # this file and name it", never a crashed run.
         except Exception as error:
-            undecodable_files.append(f"{path}: {error}")
+            undecodable_files.append(f"{path}: {decoding_cause(error)}")
     return slices, undecodable_files
 
 
@@ -954,6 +1055,26 @@ class SeriesResult:
     kept: list = field(default_factory=list)
     missing_files: list = field(default_factory=list)
     undecodable_files: list = field(default_factory=list)
+    missing_instance: list = field(default_factory=list)  # Row ids whose labelled instance the series lacks.
+    outside_image: list = field(default_factory=list)  # Row ids whose crop would be mostly past the slice's edge.
+    without_spacing: list = field(default_factory=list)  # Slices without PixelSpacing, taken as 1 mm per pixel.
+
+
+# A crop of which less than this share lies on its slice is skipped (its row counted, never trained on): its point
+# is outside the slice, or so near an edge that the crop would be mostly black padding.
+MINIMUM_CROP_INSIDE = 0.5
+
+
+def crop_inside_share(shape, x, y, row_spacing, column_spacing, crop_mm):
+    """The share of a crop_mm square centred on (x, y) that lies on a slice of `shape` (rows, columns) pixels.
+
+    Pixel centres are at whole numbers, so the slice covers -0.5 to columns - 0.5 across and likewise down."""
+    shares = []
+    for centre, size, spacing in ((x, shape[1], column_spacing), (y, shape[0], row_spacing)):
+        half = crop_mm / spacing / 2
+        overlap = min(centre + half, size - 0.5) - max(centre - half, -0.5)
+        shares.append(max(overlap, 0.0) / (2 * half))
+    return shares[0] * shares[1]
 
 
 def crop_around(image, x, y, row_spacing, column_spacing, crop_mm, crop_pixels, fill=0):
@@ -1010,14 +1131,20 @@ def crop_series(task, crop_mm, crop_pixels):
             triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
         elif crop in pending:
             result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
+            result.missing_instance.append(crop.row_id)
     # Read the slices of every crop, also those already on disk, so the window does not depend
     # on which crops a resumed run still had to write.
-    slices, result.undecodable_files = read_slices(task.series_dir, sorted(set().union(*triplets.values())))
+    instances = sorted(set().union(*triplets.values()))
+    slices, result.undecodable_files = read_slices(task.series_dir, instances, result.without_spacing)
     if not slices:
         return result
     window = intensity_window([pixels for pixels, _, _ in slices.values()])
     for crop in pending:
         if crop.instance_number not in slices:
+            continue
+        pixels, row_spacing, column_spacing = slices[crop.instance_number]
+        if crop_inside_share(pixels.shape, crop.x, crop.y, row_spacing, column_spacing, crop_mm) < MINIMUM_CROP_INSIDE:
+            result.outside_image.append(crop.row_id)  # Would be mostly black: skipped, never trained on.
             continue
         channels = []
         for instance_number in triplets[crop]:
@@ -1046,19 +1173,66 @@ def crop_tasks(rows, images_dir, output_dir):
     ]
 
 
+# Beside each crop folder (OUT/images/train), OUT/images/train_crops.csv records what every crop was cut from. A
+# rerun keeps a crop only if it would be cut from the same thing again, so that crops of other settings, points or
+# data never mix with the new ones.
+
+
+def crop_sources(tasks, crop_mm, crop_pixels):
+    """{row_id: what its crop is cut from}: the file, the point, the size, and the series' labelled instances
+    (they choose the slices that set the series' intensity window)."""
+    sources = {}
+    for task in tasks:
+        series = task.series_dir.resolve()
+        instances = ",".join(str(number) for number in sorted({crop.instance_number for crop in task.crops}))
+        for crop in task.crops:
+            sources[crop.row_id] = (
+                f"{series}/{crop.instance_number}.dcm at ({crop.x!r}, {crop.y!r}); {crop_mm!r} mm, {crop_pixels} px; "
+                f"window from instances {instances}"
+            )
+    return sources
+
+
+def refresh_crop_record(crops_dir, sources):
+    """Delete the crops in crops_dir that were cut from anything but `sources` says (or are not recorded at all),
+    then record `sources`; returns how many were deleted. Done before cutting, so a killed run resumes safely."""
+    record_path = crops_dir.with_name(f"{crops_dir.name}_crops.csv")
+    previous = {}
+    if record_path.is_file():
+        recorded = pd.read_csv(record_path, dtype=str, keep_default_na=False)
+        previous = dict(zip(recorded["row_id"], recorded["source"]))
+    stale = [path for path in crops_dir.glob("*.png") if previous.get(path.stem) != sources.get(path.stem, "")]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(
+            f"note: {len(stale):,} crop(s) in {crops_dir} came from other points, files or settings (--crop-mm, "
+            "--crop-pixels), or from an earlier version; they are cut again or removed."
+        )
+    write_csv(pd.DataFrame({"row_id": list(sources), "source": list(sources.values())}), record_path)
+    return len(stale)
+
+
 def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
     """Run the series tasks on a thread pool with a progress bar; returns one result per task.
 
     Threads rather than processes: most of the time goes to file I/O, NumPy and OpenCV, which
     release the GIL, processes measured no faster, and threads also work from a notebook.
+    On a terminal the progress is a bar; in a saved log or a notebook, a plain line every tenth of the crops.
     """
-    progress = keras.utils.Progbar(sum(len(task.crops) for task in tasks), unit_name="crop")
+    total = sum(len(task.crops) for task in tasks)
+    progress = keras.utils.Progbar(total, unit_name="crop") if sys.stdout.isatty() else None
     crop_one_series = functools.partial(crop_series, crop_mm=crop_mm, crop_pixels=crop_pixels)
-    results = []
+    results, done, tenths = [], 0, 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
         for task, result in zip(tasks, executor.map(crop_one_series, tasks)):
-            progress.add(len(task.crops))
             results.append(result)
+            done += len(task.crops)
+            if progress is not None:
+                progress.add(len(task.crops))
+            elif done * 10 // total > tenths:
+                tenths = done * 10 // total
+                print(f"crops: {done:,}/{total:,} ({done / total:.0%})", flush=True)
     return results
 
 
@@ -1237,6 +1411,8 @@ class ImageBatches(keras.utils.PyDataset):
     An image that cannot be decoded is remembered in `failed_path` (so the caller can name it) and stops the
     run, unless `skip_bad_images` is set: then it is counted in `skipped` and stands in the batch as a black image
     with sample weight 0, so that even a batch of bad images keeps its shape and teaches nothing.
+    With `full_batches`, prediction batches (no labels) are padded with black images to batch_size, so that the
+    model sees one shape and its predict function is traced once; the caller drops the padding's predictions.
     """
 
     def __init__(
@@ -1251,6 +1427,7 @@ class ImageBatches(keras.utils.PyDataset):
         seed=0,
         workers=1,
         skip_bad_images=False,
+        full_batches=False,
     ):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
         self.image_paths = list(image_paths)
@@ -1262,6 +1439,7 @@ class ImageBatches(keras.utils.PyDataset):
         self.augmentation = augmentation
         self.seed = seed
         self.skip_bad_images = skip_bad_images
+        self.full_batches = full_batches
         self.skipped = set()
         self.failed_path = None
         self.start_epoch(0)
@@ -1295,6 +1473,9 @@ class ImageBatches(keras.utils.PyDataset):
         images = np.stack([black if image is None else image for image in images])
         images = keras.applications.resnet50.preprocess_input(images)
         if self.labels is None:
+            if self.full_batches and len(images) < self.batch_size:
+                padding = np.zeros((self.batch_size - len(images), *images.shape[1:]), images.dtype)
+                images = np.concatenate([images, padding])
             return (images,)
         labels = self.labels[rows]
         one_hot = np.eye(len(CLASS_NAMES), dtype=np.float32)[labels]
@@ -1342,7 +1523,12 @@ def resolve_weights(choice):
         return (str(local), f"ImageNet, local copy {local}") if local else download_imagenet_weights()
     path = Path(choice).expanduser()
     if not path.is_file():
-        raise InputError(f"--weights {choice}: file not found. Pass imagenet, none, or a path to a weights file.")
+        problem = "is a folder, not a weights file" if path.is_dir() else "file not found"
+        raise InputError(f"--weights {choice}: {problem}. Pass imagenet, none, or a path to a weights file.")
+    import h5py  # A TensorFlow dependency; Keras reads .h5 weights with it.
+
+    if not h5py.is_hdf5(path):  # Checked now, before anything is written, not when the first fold builds its model.
+        raise InputError(f"--weights {choice}: not an HDF5 weights file (.h5), as ResNet50's notop weights are.")
     return str(path), f"file {path}"
 
 
@@ -1447,7 +1633,14 @@ def recalibrate_batch_normalization(model, batches):
     normalizations = learning_batch_normalizations(model)
     momentums = [layer.momentum for layer in normalizations]
     if not hasattr(model, "statistics_pass"):  # Traced once per model: eager ResNet50 steps are slow.
-        model.statistics_pass = tf.function(lambda images: model(images, training=True))
+
+        def statistics_pass(images):
+            return model(images, training=True)
+
+        # Any batch size, so that a short last batch does not trace the network a second time; no AutoGraph, which
+        # has nothing to convert here.
+        images = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        model.statistics_pass = tf.function(statistics_pass, input_signature=[images], autograph=False)
     totals = [np.zeros((2, *layer.moving_mean.shape)) for layer in normalizations]
     try:
         for layer in normalizations:
@@ -1549,9 +1742,17 @@ def localiser_loss(targets, outputs):
 def load_saved_model(path):
     """A saved .keras model, loaded in safe mode so that a model file cannot run arbitrary code."""
     try:
-        return keras.models.load_model(path, safe_mode=True)
+        model = keras.models.load_model(path, safe_mode=True)
     except Exception as error:
-        raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {error}).") from None
+        reason = (str(error).strip().splitlines() or [""])[0][:300]  # Keras' texts run to many lines.
+        raise InputError(f"--model {path}: not a usable Keras model ({type(error).__name__}: {reason}).") from None
+    input_shape, output_shape = model.input_shape, model.output_shape
+    if not (len(input_shape) == 4 and input_shape[-1] == 3 and output_shape[-1:] == (len(CLASS_NAMES),)):
+        raise InputError(
+            f"--model {path}: maps {input_shape} to {output_shape}, but a severity model maps RGB images "
+            f"(None, size, size, 3) to {len(CLASS_NAMES)} class probabilities. Pass a model this script trained."
+        )
+    return model
 
 
 # == 8. fitting ========================================================================================================
@@ -1600,6 +1801,13 @@ def choose_strategy(name):
             raise InputError("--strategy multiworker needs TF_CONFIG to name the cluster and this worker's task.")
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def initialise_devices():
+    """Find the devices once, quietly: on a machine without a GPU, TensorFlow's first look prints an error line
+    (E0000 ... failed call to cuInit) that only says there is no GPU."""
+    with native_stderr_silenced():
+        tf.config.list_physical_devices()
 
 
 def worker_count(strategy):
@@ -1744,6 +1952,15 @@ class RecalibrateBatchNormalization(keras.callbacks.Callback):
             self.done = True
 
 
+class EpochHeader(keras.callbacks.Callback):
+    """Keras prints "Epoch 2/8" before an epoch only when fit() runs more than one epoch in all; this prints it for
+    a fit() of one epoch (--epochs 1), so that every epoch's line in the log has its header."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.params.get("epochs") == 1 and self.params.get("verbose"):
+            print(f"Epoch {epoch + 1}/1", flush=True)
+
+
 class StopOnInterrupt(keras.callbacks.Callback):
     """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
 
@@ -1769,8 +1986,10 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         state = self.state
         superseded = [state.backup_file]
-        row = {"phase": self.phase, "epoch": epoch, **{name: float(value) for name, value in (logs or {}).items()}}
-        state.history = [old for old in state.history if old["epoch"] != epoch] + [row]
+        # Epochs are counted from 1 in history.csv, as in the log ("Epoch 1/5") and the plots.
+        logged = {name: float(value) for name, value in (logs or {}).items()}
+        row = {"phase": self.phase, "epoch": epoch + 1, **logged}
+        state.history = [old for old in state.history if old["epoch"] != epoch + 1] + [row]
         best = state.best_val_loss
         if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
             superseded.append(state.best_file)
@@ -1812,11 +2031,11 @@ def resume_record(options, settings):
     return json.loads(json.dumps(record))
 
 
-def open_run_state(resume_dir, options, settings):
+def open_run_state(resume_dir, options, settings, keep=()):
     """Start a run's resumable state, or check that --resume continues a run with the same settings."""
     current = resume_record(options, settings)
     recorded = resume_dir / "options.json"
-    if options.resume and recorded.is_file():
+    if options.resume and recorded.is_file():  # Returns True: the interrupted run goes on.
         previous = json.loads(recorded.read_text())
         changed = [
             f"{setting_name(name)} was {previous.get(name)}, now {current[name]}"
@@ -1828,14 +2047,31 @@ def open_run_state(resume_dir, options, settings):
                 f"--resume: the interrupted run in {resume_dir.parent} used other settings "
                 f"({'; '.join(changed)}). Resume with the same ones, or drop --resume."
             )
-        return
+        return True
     if options.resume:
         print(f"--resume: no interrupted run in {resume_dir.parent}; starting afresh.")
     elif resume_dir.exists():
         print(f"note: discarding an interrupted run's state in {resume_dir} (pass --resume to continue it).")
     shutil.rmtree(resume_dir, ignore_errors=True)
+    remove_earlier_outputs(resume_dir.parent, keep)  # A new run: nothing of an earlier one may mix with its outputs.
     resume_dir.mkdir(parents=True)
     write_json(current, recorded)
+    return False
+
+
+def resume_position(resume_dir, settings, fold_count):
+    """Where a resumed run goes on, as "fold F, phase P, epoch E" (epochs counted from 1), from the saved states."""
+    for fold in range(1, fold_count + 1):
+        if not (resume_dir / f"fold{fold}" / "state.json").is_file():
+            return f"fold {fold}, phase 1, epoch 1"
+        state = FoldState.load(resume_dir / f"fold{fold}")
+        if state.done:
+            continue
+        for phase, first_epoch, _, _ in training_phases(settings):
+            if phase not in state.finished_phases:
+                return f"fold {fold}, phase {phase}, epoch {(state.backup_epoch or first_epoch) + 1}"
+        return f"fold {fold}, after its training (predicting)"
+    return "the end: every fold is finished, so only the outputs are written"
 
 
 def setting_name(name):
@@ -1888,7 +2124,7 @@ def run_phase(model, batches, phase, first_epoch, end_epoch, state):
     train_batches, validation_batches, statistics_batches = batches
     resume_epoch = restore_backup(model, state, phase, first_epoch)
     train_batches.start_epoch(resume_epoch)
-    callbacks = [TrainingState(phase, end_epoch, state), StopOnInterrupt()]
+    callbacks = [EpochHeader(), TrainingState(phase, end_epoch, state), StopOnInterrupt()]
     if learning_batch_normalizations(model):
         callbacks.insert(0, RecalibrateBatchNormalization(statistics_batches))  # First: before the epoch is saved.
     try:
@@ -1907,6 +2143,28 @@ def run_phase(model, batches, phase, first_epoch, end_epoch, state):
         if failure:
             raise failure from None
         raise
+
+
+def is_fresh_keras_function_note(record):
+    """True for TensorFlow's "N out of the last M calls to ...multi_step_on_iterator triggered tf.function retracing".
+
+    That note counts traces by the traced function's code, and Keras builds its train and test functions anew from
+    one code object at every compile: two per phase, so four per fold, each traced exactly once. With only a few
+    steps per epoch (small data, --folds 2) the note then fires, though nothing was traced twice. The real retraces
+    it hid, of the precise-BatchNorm pass and of prediction on a short last batch, are gone (one trace per model:
+    recalibrate_batch_normalization, ImageBatches' full_batches); a retrace of any other function still shows."""
+    message = record.getMessage()
+    return "triggered tf.function retracing" in message and "multi_step_on_iterator" in message
+
+
+def keep_tensorflow_record(record):
+    """The filter on TensorFlow's logger that drops is_fresh_keras_function_note's false alarm."""
+    return not is_fresh_keras_function_note(record)
+
+
+# By name, so that a script pasted into a notebook twice adds it once.
+if not any(getattr(known, "__name__", "") == "keep_tensorflow_record" for known in tf.get_logger().filters):
+    tf.get_logger().addFilter(keep_tensorflow_record)
 
 
 def phase_description(phase, settings):
@@ -1967,15 +2225,22 @@ def predict_probabilities(model, image_paths, options, skip_bad_images=False):
     if len(image_paths) == 0:
         return np.zeros((0, len(CLASS_NAMES))), np.ones(0, bool)
     batches = ImageBatches(
-        image_paths, model.input_shape[1], options.batch_size, workers=options.workers, skip_bad_images=skip_bad_images
+        image_paths,
+        model.input_shape[1],
+        options.batch_size,
+        workers=options.workers,
+        skip_bad_images=skip_bad_images,
+        full_batches=True,  # A short last batch would trace the model's predict function a second time.
     )
     try:
-        probabilities = model.predict(batches, verbose=0).astype(np.float64)
+        probabilities = model.predict(batches, verbose=0)[: len(image_paths)].astype(np.float64)
     except Exception:
         failure = decoding_failure([batches], "Restore the file and run again.")
         if failure:
             raise failure from None
         raise
+    probabilities = np.maximum(probabilities, PREDICTION_FLOOR)  # Never exactly 0: see PREDICTION_FLOOR.
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
     predicted = ~np.isin(image_paths, list(batches.skipped))
     return probabilities[predicted], predicted
 
@@ -2406,13 +2671,21 @@ def score_predictions(labels, predictions):
     return {"score": float(np.mean(list(components.values()))), **components}
 
 
+# Half a row of each class is added to every location's counts before its best constant is taken, so that a class
+# a small training set lacks gets a small probability rather than 0 (clipped to 1e-15 by the metric, one such row
+# would cost about 34.5). On the real labels (about 1,900 rows per location) it moves no score by more than 0.001.
+CONSTANT_SMOOTHING_ROWS = 0.5
+
+
 def best_constant_prediction(labels, class_weights=LABEL_WEIGHTS):
     """The class distribution that minimises the weighted log loss over one-hot `labels`, as an array of 3.
 
     A constant p minimises Σ_c weight_c · count_c · −log p_c at p_c ∝ weight_c · count_c: the class
     frequencies times the metric's weights, renormalised. Weights (1, 1, 1) give the plain frequencies.
+    The counts are smoothed by CONSTANT_SMOOTHING_ROWS of each class, so no probability is exactly 0 or 1.
     """
-    weighted = labels[list(CLASS_NAMES)].mean().to_numpy() * np.asarray(class_weights)
+    counts = labels[list(CLASS_NAMES)].sum().to_numpy() + CONSTANT_SMOOTHING_ROWS
+    weighted = counts * np.asarray(class_weights)
     return weighted / weighted.sum()
 
 
@@ -2420,7 +2693,7 @@ def best_constants(labels, class_weights=LABEL_WEIGHTS):
     """The best constant for each location (condition and level) in `labels`, and overall under "".
 
     One constant per location is the baseline competitors quote: on the real train.csv it scores 0.790,
-    against 0.931 for the plain frequencies (one global constant: 0.920).
+    against 0.930 for the plain frequencies (one global constant: 0.920).
     """
     constants = {"": best_constant_prediction(labels, class_weights)}
     for location, location_labels in labels.groupby(locations(labels["row_id"])):
@@ -2532,6 +2805,18 @@ def print_report(metrics):
         print(f"  {name:<12}" + "".join(f"{count:>12}" for count in row))
 
 
+def kept_epochs(history):
+    """{fold: the epoch whose weights the fold kept}: the first with the lowest validation loss, as TrainingState
+    keeps it. Folds without a validation loss are left out."""
+    if "val_loss" not in history:
+        return {}
+    return {
+        fold: int(rows.loc[rows["val_loss"].idxmin(), "epoch"])
+        for fold, rows in history.groupby("fold")
+        if rows["val_loss"].notna().any()
+    }
+
+
 def save_plots(history, metrics, output_dir):
     """training_curves.png and confusion_matrix.png, also shown inline in a notebook. Skipped without matplotlib."""
     try:
@@ -2544,21 +2829,33 @@ def save_plots(history, metrics, output_dir):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    kept = kept_epochs(history)
     curves, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, metric, title in zip(axes, ("loss", "accuracy"), ("loss (class-weighted cross-entropy)", "accuracy")):
         for fold, rows in history.groupby("fold"):
-            line = axis.plot(rows["epoch"] + 1, rows[metric], "-o", label=f"fold {fold} training")[0]
+            line = axis.plot(rows["epoch"], rows[metric], "-o", label=f"fold {fold} training")[0]
             if f"val_{metric}" in rows:
                 axis.plot(
-                    rows["epoch"] + 1,
+                    rows["epoch"],
                     rows[f"val_{metric}"],
                     "--o",
                     color=line.get_color(),
                     label=f"fold {fold} validation",
                 )
+            if fold in kept:  # The epoch whose weights the fold kept: its best validation loss.
+                kept_row = rows[rows["epoch"] == kept[fold]]
+                axis.plot(
+                    kept_row["epoch"],
+                    kept_row[f"val_{metric}"],
+                    "*",
+                    markersize=16,
+                    color=line.get_color(),
+                    markeredgecolor="black",
+                    label=f"fold {fold} kept: epoch {kept[fold]}",
+                )
         if (history["phase"] == 2).any():
             axis.axvline(
-                history.loc[history["phase"] == 2, "epoch"].min() + 0.5,
+                history.loc[history["phase"] == 2, "epoch"].min() - 0.5,
                 color="gray",
                 linestyle=":",
                 label="fine-tuning starts",
@@ -2679,7 +2976,8 @@ def print_start_summary(data_dir, table, test_table, weights_source):
     counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
     mix = ", ".join(f"{name} {count} ({count / len(table):.0%})" for name, count in zip(CLASS_NAMES, counts))
     devices = ", ".join(sorted({device.device_type for device in tf.config.list_logical_devices()}))
-    print(f"data:    {data_dir.resolve()}: {len(table)} training rows ({mix}), {len(test_table)} test rows")
+    tests = f"{len(test_table)} test rows" if len(test_table) else "no test set (--no-test)"
+    print(f"data:    {data_dir.resolve()}: {len(table)} training rows ({mix}), {tests}")
     print(f"device:  {devices}")
     print(f"weights: {weights_source}")
 
@@ -2733,6 +3031,53 @@ def prepare_output_dir(path):
             f"--output-dir {path}: cannot be written ({error.strerror}). Choose a writable folder."
         ) from None
     return path
+
+
+# What a training run writes into --output-dir. config.json lists the files of its run under "outputs"; a new run
+# first removes an earlier run's (that list, and these names for runs without one), so that the folder never
+# holds two runs' outputs side by side.
+RUN_OUTPUT_FILES = (
+    "submission.csv",
+    "model.keras",
+    "history.csv",
+    "config.json",
+    "oof.csv",
+    "metrics.json",
+    "training_curves.png",
+    "confusion_matrix.png",
+)
+LOCALISER_OUTPUT_FILES = ("localiser.keras", "localiser.json", "localisation.png")  # With a competition folder.
+
+
+def listed_outputs(output_dir):
+    """The file names that output_dir/config.json lists as its run's outputs (none without a readable list)."""
+    try:
+        outputs = json.loads((output_dir / "config.json").read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    # Plain names only: a damaged or foreign list must not reach outside the folder.
+    return [name for name in outputs if isinstance(name, str) and name and Path(name).name == name]
+
+
+def remove_earlier_outputs(output_dir, keep=()):
+    """Remove the outputs an earlier training run left in output_dir, naming them; returns the names removed.
+
+    keep: names this run has written already (its localiser, trained before the severity model)."""
+    names = {
+        *RUN_OUTPUT_FILES,
+        *LOCALISER_OUTPUT_FILES,
+        *listed_outputs(output_dir),
+        *(path.name for path in output_dir.glob("model_fold*.keras")),
+    } - set(keep)
+    removed = sorted(name for name in names if (output_dir / name).is_file())
+    for name in removed:
+        (output_dir / name).unlink()
+    if removed:
+        print(
+            f"note: removed an earlier run's outputs from {output_dir}: {', '.join(removed)} (a run's outputs are "
+            "one set; choose another --output-dir to keep an earlier run)"
+        )
+    return removed
 
 
 @functools.lru_cache(maxsize=8)
@@ -2866,13 +3211,21 @@ def write_training_outputs(run, results, constants, weights_source):
         artifacts.update(save_plots(history, metrics, output_dir))
     else:
         print("\nno validation rows (--val-fraction 0): the model is the last epoch's and nothing is scored.")
-    config = run_config(run.options, run.settings, weights_source, constants)
+    if len(run.test_table):
+        test_probabilities = np.mean([result.test_probabilities for result in results], axis=0)
+        probabilities = fill_rows_without_image(run.test_table, test_probabilities, constants)
+        submission_path = output_dir / "submission.csv"
+        artifacts["submission"] = write_submission(run.test_table["row_id"], probabilities, submission_path)
+    else:
+        print("no test set (--no-test): no submission.csv written.")
+    # config.json comes last and lists the run's outputs, so that predict and a later run know which files are one set.
+    outputs = [result.model_path.name for result in results]
+    outputs += [Path(path).name for name, path in artifacts.items() if name != "models"] + ["config.json"]
+    config = run_config(run.options, run.settings, weights_source, constants) | {"outputs": outputs}
     if run.localisation is not None and (output_dir / "localiser.keras").is_file():
         config["localiser_model"] = localiser_model(run.options).recorded()
+        config["outputs"] += [name for name in LOCALISER_OUTPUT_FILES if (output_dir / name).is_file()]
     artifacts["config"] = write_json(config, output_dir / "config.json")
-    test_probabilities = np.mean([result.test_probabilities for result in results], axis=0)
-    probabilities = fill_rows_without_image(run.test_table, test_probabilities, constants)
-    artifacts["submission"] = write_submission(run.test_table["row_id"], probabilities, output_dir / "submission.csv")
     return artifacts
 
 
@@ -2883,7 +3236,13 @@ def train(options, localisation=None):
     started = time.time()
     settings = severity_model(options)
     table = load_train_table(options.data_dir, options.skip_bad_images)
-    test_table = load_test_table(options.data_dir)
+    test_table = load_test_table(options.data_dir) if not options.no_test else pd.DataFrame(columns=TEST_COLUMNS)
+    in_both = test_table["row_id"][test_table["row_id"].isin(table["row_id"])]
+    if len(in_both):
+        print(
+            f"warning: {len(in_both)} test.csv row_id(s) also appear in train.csv ({list_some(in_both, limit=5)}): "
+            "the test set repeats training rows, so predicting them tells nothing about new data."
+        )
     weights, weights_source = resolve_weights(settings.weights)
     folds = split_folds(table, options.folds, options.val_fraction, options.seed)
     strategy = choose_strategy(options.strategy)  # First: a multi-worker strategy must precede other TF work.
@@ -2893,7 +3252,9 @@ def train(options, localisation=None):
     run = TrainingRun(
         table, test_table, settings, options, weights, strategy, policy, output_dir, len(folds), localisation
     )
-    open_run_state(run.resume_dir, options, settings)
+    trained_here = LOCALISER_OUTPUT_FILES if localisation is not None else ()
+    if open_run_state(run.resume_dir, options, settings, keep=trained_here):
+        print(f"resuming at {resume_position(run.resume_dir, settings, len(folds))}")
     keras.utils.set_random_seed(options.seed)
     print_start_summary(options.data_dir, table, test_table, weights_source)
     print(
@@ -2912,30 +3273,64 @@ def train(options, localisation=None):
     return 0
 
 
+def model_files(paths):
+    """The --model files: each path as given, or for a training run's output folder the models its config.json lists.
+
+    Each must be a .keras file (a zip archive holding a Keras model's config.json and metadata.json); checked
+    cheaply, before anything is written.
+    """
+    models = []
+    for path in paths:
+        if path.is_dir():
+            listed = [path / name for name in listed_outputs(path) if name.endswith(".keras")]
+            if not listed:
+                raise InputError(
+                    f"--model {path}: is a folder, not a model file, and holds no config.json of a training run "
+                    "that lists its models. Pass the .keras file(s), or a training run's output folder."
+                )
+            print(f"--model {path}: the run's {len(listed)} model(s), as its config.json lists them")
+            models += listed
+        else:
+            models.append(path)
+    for path in models:
+        refuse_unreadable_file(path, "model file", option="--model ")
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+        if not {"config.json", "metadata.json"} <= members:
+            raise InputError(
+                f"--model {path}: a zip archive, but not a Keras model file (it has no config.json and metadata.json)."
+                " Pass a .keras file that a training run saved."
+            )
+    return models
+
+
 def predict(options):
     """Write submission.csv from saved model(s), without training. The image size comes from each model."""
     data_dir = options.data_dir
+    options.model = model_files(options.model)
     test_table = load_test_table(data_dir)
     constants = {}
     if test_table["image_path"].isna().any():  # Those rows need the training run's priors.
         config_path = options.model[0].parent / "config.json"
         if not config_path.is_file():
             raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
-        constants = {
-            key: np.array(value) for key, value in json.loads(config_path.read_text())["best_constants"].items()
-        }
-    for path in options.model:
-        if not path.is_file():
-            raise InputError(f"--model {path}: file not found.")
-        if not zipfile.is_zipfile(path):  # Cheap, and before anything is written.
-            raise InputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive).")
-    output_dir = prepare_output_dir(options.output_dir)
+        try:
+            saved_constants = json.loads(config_path.read_text())["best_constants"]
+            constants = {key: np.array(value, dtype=float) for key, value in saved_constants.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise InputError(
+                f"{config_path}: not a training run's config.json with best_constants ({type(error).__name__}: "
+                f"{error}). Restore the file the training run wrote."
+            ) from None
     test_images = test_table["image_path"].dropna().tolist()
     image_probabilities = []
     for path in options.model:  # One model in memory at a time.
         image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
         keras.backend.clear_session()
     probabilities = fill_rows_without_image(test_table, np.mean(image_probabilities, axis=0), constants)
+    output_dir = prepare_output_dir(options.output_dir)  # Only now: a refused model leaves no folder behind.
     path = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
     print(f"wrote {path}: {len(test_table)} rows from {len(options.model)} model(s)")
     return 0
@@ -3190,18 +3585,25 @@ def prepare_for_run(competition_dir, options, command):
     """
     output_dir = options.output_dir
     prepared = output_dir / "prepared"
+    test = command == "predict" or not options.no_test
+    test_studies = competition_dir / "test_series_descriptions.csv"
+    if test and not test_studies.is_file():  # Checked before anything is prepared.
+        without_test = " To train without a test set, add --no-test." if command == "train" else ""
+        raise InputError(f"{test_studies}: file not found; it lists the test studies to predict.{without_test}")
     print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
     localiser, report = None, None
-    if command == "train" and (competition_dir / "train_series_descriptions.csv").is_file():
+    if command == "train":
         severity_model(options)  # Its settings are checked now, not after the localiser has trained.
         print_prepare_summary(prepare_competition(competition_dir, prepared, "train", workers=options.workers))
         if options.localiser_epochs > 0:
             prepare_output_dir(output_dir)
+            if not options.resume:
+                remove_earlier_outputs(output_dir)  # Before this run's localiser is written beside them.
             localiser, report = train_localiser_for_run(competition_dir, prepared, output_dir, options)
     elif command == "predict":
         beside_model = options.model[0].parent / "localiser.keras"
         localiser = options.localiser or (beside_model if beside_model.is_file() else None)
-    if (competition_dir / "test_series_descriptions.csv").is_file():
+    if test:
         coordinates = None
         if localiser is not None:
             coordinates = localise_split(
@@ -3239,9 +3641,11 @@ def prepare_competition(
             raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
         load_pydicom()
     output_dir.mkdir(parents=True, exist_ok=True)
+    refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
     results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
     written = [row_id for result in results for row_id in result.written]
     kept = [row_id for result in results for row_id in result.kept]
+    outside = [row_id for result in results for row_id in result.outside_image]
     has_image = rows["row_id"].isin(set(written) | set(kept))
     rows["image_path"] = ("images/" + split + "/" + rows["row_id"] + ".png").where(has_image, "")
     if split == "train":
@@ -3257,11 +3661,27 @@ def prepare_competition(
         "images_written": len(written),
         "images_kept": len(kept),
         **skipped,
-        "without_image": int((rows["series_id"].notna() & ~has_image).sum()),
+        "outside_image": len(outside),
+        "without_image": int((rows["series_id"].notna() & ~has_image & ~rows["row_id"].isin(outside)).sum()),
+        "outside_image_row_ids": outside,
+        "missing_instance_row_ids": [row_id for result in results for row_id in result.missing_instance],
         # Several crops can miss the same file; name it once.
         "missing_files": list(dict.fromkeys(name for result in results for name in result.missing_files)),
         "undecodable_files": [name for result in results for name in result.undecodable_files],
+        "series_without_spacing": list(
+            dict.fromkeys(str(Path(path).parent) for result in results for path in result.without_spacing)
+        ),
     }
+
+
+def undecodable_by_cause(undecodable_files):
+    """{cause: paths} of the "path.dcm: cause" entries; causes that differ only in their numbers are one cause."""
+    causes, wording = {}, {}
+    for entry in undecodable_files:
+        path, cause = entry.split(".dcm: ", 1) if ".dcm: " in entry else (entry, "cannot be decoded")
+        key = re.sub(r"\d+", "#", cause)
+        causes.setdefault(wording.setdefault(key, cause), []).append(path + ".dcm")
+    return causes
 
 
 def print_prepare_summary(summary):
@@ -3274,19 +3694,57 @@ def print_prepare_summary(summary):
     reasons = {
         "blank_label": "with a blank label",
         "without_coordinate": "without a coordinate",
-        "without_image": "without an image",
+        "outside_image": "whose point is outside its slice or whose crop would be mostly past its edge",
+        "without_image": "without an image (a missing or undecodable file)",
     }
     counts = ", ".join(f"{summary[key]:,} {reason}" for key, reason in reasons.items() if key in summary)
     print(f"Rows {'skipped' if split == 'train' else 'given an empty image_path'}: {counts}.")
+    if summary.get("outside_image_row_ids"):
+        print(f"Points outside their slice (or crops mostly past it): {list_some(summary['outside_image_row_ids'])}.")
+    if summary.get("missing_instance_row_ids"):
+        print(f"Points on an instance their series lacks: {list_some(summary['missing_instance_row_ids'])}.")
     if summary["missing_files"]:
         print(f"Missing series folders or instance files: {list_some(summary['missing_files'])}.")
-    if summary["undecodable_files"]:
-        print(f"Undecodable DICOM files: {list_some(summary['undecodable_files'])}.")
+    for cause, paths in undecodable_by_cause(summary["undecodable_files"]).items():
+        print(f"Undecodable DICOM files: {len(paths):,} with {cause}: {list_some(paths, limit=3)}.")
+    if summary.get("series_without_spacing"):
+        series = summary["series_without_spacing"]
+        print(f"Series without PixelSpacing, cropped at 1 mm per pixel: {len(series):,}: {list_some(series, limit=5)}.")
 
 
-def run_score(solution_path, submission_path):
-    """`score`: print the components, then the scores as one JSON object on the last line; return them."""
-    scores = score_predictions(read_solution(solution_path), read_submission(submission_path))
+def run_score(solution_path, submission_path, only_submitted=False):
+    """`score`: print the components, then the scores as one JSON object on the last line; return them.
+
+    Every labelled solution row must be predicted, unless only_submitted scores just the rows the submission has
+    (an oof.csv holds only the validated rows), saying how many were left out. Submission rows that the solution
+    lacks are not scored, and counted.
+    """
+    labels, predictions = read_solution(solution_path), read_submission(submission_path)
+    labels = labels[labels[list(CLASS_NAMES)].notna().any(axis=1)]
+    if labels.empty:
+        raise InputError(f"{solution_path}: no labelled rows to score. Check that it is the solution file.")
+    extra = predictions["row_id"][~predictions["row_id"].isin(labels["row_id"])]
+    if len(extra):
+        print(
+            f"note: {submission_path}: {len(extra)} row(s) whose row_id has no label in the solution were not scored: "
+            + list_some(extra, limit=5)
+        )
+    missing = labels["row_id"][~labels["row_id"].isin(predictions["row_id"])]
+    if len(missing) and not only_submitted:
+        raise InputError(
+            f"{submission_path}: lacks {len(missing)} of the {len(labels)} labelled row_ids of {solution_path}: "
+            f"{list_some(missing)}. Predict every row, or pass --only-submitted to score only the rows it has "
+            "(as for an oof.csv)."
+        )
+    if only_submitted:
+        if len(missing) == len(labels):
+            raise InputError(f"{submission_path}: predicts none of the labelled row_ids of {solution_path}.")
+        labels = labels[labels["row_id"].isin(predictions["row_id"])]
+        print(
+            f"--only-submitted: scoring the {len(labels)} labelled row(s) the submission predicts; "
+            f"{len(missing)} labelled row(s) of the solution left out."
+        )
+    scores = score_predictions(labels, predictions)
     print(format_score_table(scores))
     print(json.dumps(scores))
     return scores
@@ -3358,6 +3816,22 @@ non_negative_int = integer_at_least(0)
 pixels_at_least_32 = integer_at_least(32, " (ResNet50's smallest input)")
 
 
+def positive_number(text):
+    """An argparse type: a finite number above 0 (a learning rate, a crop size in millimetres)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def seed_number(text):
+    """An argparse type: a seed NumPy accepts, 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}, got {text}")
+    return value
+
+
 def fraction(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -3370,7 +3844,7 @@ def three_positive_weights(text):
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != len(CLASS_NAMES) or min(values) <= 0:
+    if len(values) != len(CLASS_NAMES) or not all(math.isfinite(value) and value > 0 for value in values):
         raise argparse.ArgumentTypeError(f"needs {len(CLASS_NAMES)} positive numbers like 1,2,4, got {text}")
     return values
 
@@ -3446,11 +3920,11 @@ def build_parser(command):
             "frozen (default: %(default)s)",
         )
         parser.add_argument(
-            "--lr", type=float, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)"
+            "--lr", type=positive_number, default=LEARNING_RATE, help="phase 1 learning rate (default: %(default)g)"
         )
         parser.add_argument(
             "--fine-tune-lr",
-            type=float,
+            type=positive_number,
             default=FINE_TUNE_LEARNING_RATE,
             help="phase 2 learning rate (default: %(default)g)",
         )
@@ -3479,7 +3953,7 @@ def build_parser(command):
             default=FOLDS,
             help="K > 1 trains K models on grouped, stratified folds and averages them (default: %(default)s)",
         )
-        parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
+        parser.add_argument("--seed", type=seed_number, default=SEED, help="random seed (default: %(default)s)")
         parser.add_argument(
             "--strategy",
             choices=STRATEGIES,
@@ -3514,6 +3988,11 @@ def build_parser(command):
             type=pixels_at_least_32,
             default=LOCALISER_IMAGE_SIZE,
             help="the localiser's input, pixels, square (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--no-test",
+            action="store_true",
+            help="train and validate without a test set (no test.csv needed, no submission.csv written)",
         )
     elif command == "predict":
         add_common_options(parser)
@@ -3557,7 +4036,10 @@ def build_parser(command):
             "--localiser", type=Path, help="with --split test and no --coordinates: the level localiser to place them"
         )
         parser.add_argument(
-            "--crop-mm", type=float, default=PREPARE_CROP_MM, help="crop side in millimetres (default: %(default)s)"
+            "--crop-mm",
+            type=positive_number,
+            default=PREPARE_CROP_MM,
+            help="crop side in millimetres (default: %(default)s)",
         )
         parser.add_argument(
             "--crop-pixels",
@@ -3574,6 +4056,12 @@ def build_parser(command):
             help="labels: row_id + one-hot columns, or the competition's wide train.csv",
         )
         parser.add_argument("--submission", required=True, type=Path, help="row_id, normal_mild, moderate, severe")
+        parser.add_argument(
+            "--only-submitted",
+            action="store_true",
+            help="score only the solution rows the submission predicts (as in an oof.csv), and say how many were "
+            "left out; without it, every labelled solution row must be predicted",
+        )
     return parser
 
 
@@ -3598,6 +4086,8 @@ def parse_arguments(argv):
 
 def run_command(command, options):
     """Dispatch to one command."""
+    if command in ("train", "predict", "localise"):
+        initialise_devices()
     if command in ("train", "predict"):
         options.data_dir = resolve_data_dir(options.data_dir, command)
         options.output_dir = resolve_output_dir(options.output_dir)
@@ -3629,7 +4119,7 @@ def run_command(command, options):
         )
         return 0
     if command == "score":
-        run_score(options.solution, options.submission)
+        run_score(options.solution, options.submission, options.only_submitted)
         return 0
     raise AssertionError(f"unhandled command {command}")
 

@@ -130,9 +130,12 @@ def test_run_killed_in_phase_one_resumes_after_its_last_finished_epoch(small_dat
     assert exit_code == 0
     resumed = re.search(r"resuming phase 1 after epoch (\d+)", output)
     assert resumed and int(resumed.group(1)) >= 1, output
+    # Before training, the run says where it goes on: the epoch after the last finished one, counted from 1.
+    assert f"resuming at fold 1, phase 1, epoch {int(resumed.group(1)) + 1}\n" in output
+    assert output.index("resuming at fold 1") < output.index("resuming phase 1 after epoch")
     assert file_names(output_dir) == file_names(tiny_run)
     history = pd.read_csv(output_dir / "history.csv")
-    assert history["epoch"].tolist() == [0, 1, 2, 3, 4]
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]  # Counted from 1, as the log and the plots count.
     assert history["phase"].tolist() == [1, 1, 1, 1, 2]
     assert not (output_dir / ".resume").exists()
     assert not list(output_dir.rglob(".partial-*"))
@@ -167,7 +170,8 @@ def test_run_stopped_by_ctrl_c_resumes_to_the_end(run_stopped_by_ctrl_c, tmp_pat
     output_dir = shutil.copytree(run_stopped_by_ctrl_c.output_dir, tmp_path / "output", copy_function=os.link)
     exit_code = script.main([*training_argv(run_stopped_by_ctrl_c.data_dir, output_dir, STOPPED_RUN), "--resume"])
     assert exit_code == 0
-    assert "resuming phase 1 after epoch" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "resuming phase 1 after epoch" in output and "resuming at fold 1, phase 1, epoch " in output
     assert (output_dir / "submission.csv").is_file()
     assert not (output_dir / ".resume").exists()
 

@@ -308,9 +308,22 @@ def test_wide_and_long_solution_files_score_the_same(tmp_path):
 
 def test_best_constant_is_frequencies_times_weights_renormalised():
     labels = labels_frame({"a": "normal_mild", "b": "normal_mild", "c": "moderate", "d": "severe", "e": None})
-    # Frequencies (1/2, 1/4, 1/4) times weights (1, 2, 4) are (1/2, 1/2, 1), which renormalise to this.
-    np.testing.assert_allclose(M.best_constant_prediction(labels), [0.25, 0.25, 0.5])
-    np.testing.assert_allclose(M.best_constant_prediction(labels, class_weights=(1, 1, 1)), [0.5, 0.25, 0.25])
+    # Counts (2, 1, 1), smoothed by half a row each to (2.5, 1.5, 1.5), times weights (1, 2, 4) are (2.5, 3, 6),
+    # which renormalise to this.
+    np.testing.assert_allclose(M.best_constant_prediction(labels), [2.5 / 11.5, 3 / 11.5, 6 / 11.5])
+    np.testing.assert_allclose(
+        M.best_constant_prediction(labels, class_weights=(1, 1, 1)), [2.5 / 5.5, 1.5 / 5.5, 1.5 / 5.5]
+    )
+
+
+def test_best_constant_of_a_location_missing_a_class_is_never_exactly_0_or_1():
+    """A location whose few rows are all one class still gives the others a small probability (half a row each),
+    so that one test row of a missing class costs a few units of log loss, not the clipped 34.5."""
+    constant = M.best_constant_prediction(labels_frame({"a": "normal_mild", "b": "normal_mild"}))
+    np.testing.assert_allclose(constant, np.array([2.5, 1.0, 2.0]) / 5.5)
+    assert (constant > 0).all() and (constant < 1).all()
+    cost = M.score_predictions(labels_frame({"a": "moderate"}), predictions_frame({"a": tuple(constant)}))["score"]
+    assert cost < 2.0
 
 
 def test_prior_predictions_use_each_locations_constant():
@@ -324,8 +337,10 @@ def test_prior_predictions_use_each_locations_constant():
     row_ids = pd.Series(["9_spinal_canal_stenosis_l2_l3", "9_spinal_canal_stenosis_l1_l2", "9_unseen_location"])
     predictions = prior_predictions(labels, row_ids)
     assert predictions["row_id"].tolist() == row_ids.tolist()
+    # Each location's counts, smoothed by half a row of each class, times the weights (1, 2, 4).
     np.testing.assert_allclose(
-        predictions[list(M.CLASS_NAMES)].to_numpy(), [[0, 1, 0], [0.2, 0, 0.8], M.best_constant_prediction(labels)]
+        predictions[list(M.CLASS_NAMES)].to_numpy(),
+        [np.array([0.5, 3, 2]) / 5.5, np.array([1.5, 1, 6]) / 8.5, M.best_constant_prediction(labels)],
     )
 
 

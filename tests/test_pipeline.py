@@ -38,9 +38,10 @@ def test_saved_model_loads_with_the_trained_input_size(tiny_run):
 
 
 def test_history_records_every_epoch_of_both_phases(tiny_run):
-    """One row per epoch, numbered on across the phases, with finite training and validation losses."""
+    """One row per epoch, numbered on across the phases from 1 (as the log's "Epoch 1/2"), with finite training and
+    validation losses."""
     history = pd.read_csv(tiny_run / "history.csv")
-    assert history["epoch"].tolist() == [0, 1]
+    assert history["epoch"].tolist() == [1, 2]
     assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
 
 

@@ -238,4 +238,6 @@ def test_command_line_run_with_a_deleted_training_image_is_refused(data_dir, out
     assert completed.returncode == 2, completed.stderr
     assert str(image) in completed.stderr
     assert "Traceback" not in completed.stderr
+    # Only the one message: TensorFlow's start-up and cuInit lines are kept out of stderr.
+    assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1, completed.stderr
     assert not (output_dir / "submission.csv").exists()
