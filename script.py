@@ -2545,7 +2545,8 @@ def level_points(sagittal):
 
 
 def match_axial_slices(volumes, points):
-    """{level: (volume, index, distance)}: each level's nearest axial slice, across all axial stacks and series.
+    """{level: (volume, index, distance, owned)}: each level's nearest axial slice, across all axial stacks and
+    series, and the indices of the slices in that stack that belong to the level.
 
     Every slice first goes to the level whose point is nearest to its plane, so neighbouring levels never share a
     slice (the boundary is their midpoint); a level then takes its nearest slice, if within AXIAL_MATCH_MM.
@@ -2563,17 +2564,25 @@ def match_axial_slices(volumes, points):
             x, y, _ = stack.world_to_pixel(points[level], index)
             if distance <= AXIAL_MATCH_MM and stack.contains(x, y):
                 if level not in best or distance < best[level][2]:
-                    best[level] = (volume, index, distance)
+                    best[level] = (volume, index, distance, np.flatnonzero(owners == owner))
     return best
 
 
+AXIAL_REFINE_SLICES = 2  # The recess presence head may move a level's axial slice this far within its own slices.
+
+
 def localise_axial(model, study, sagittal):
-    """The left and right recess points on each level's matched axial slice."""
+    """The left and right recess points on each level's axial slice: the slice matched by geometry, or the one
+    within AXIAL_REFINE_SLICES of it (among that level's own) where the recesses' presence is highest. The
+    sagittal points place a level to a few millimetres along the spine, about one axial slice spacing."""
     matches = match_axial_slices(study.volumes.get("recess", []), level_points(sagittal))
     found = []
     left, right = KIND_CHANNELS["recess"]
-    for level, (volume, index, distance) in matches.items():
-        output = predict_slices(model, volume, [index])[0]
+    for level, (volume, index, distance, owned) in matches.items():
+        candidates = [int(other) for other in owned if abs(int(other) - index) <= AXIAL_REFINE_SLICES]
+        outputs = predict_slices(model, volume, candidates)
+        best = int(np.argmax(outputs[:, [left, right], 2].mean(axis=1)))
+        index, output = candidates[best], outputs[best]
         for channel, side in ((left, "left"), (right, "right")):
             point = point_on(volume, index, output, channel, f"{side}_subarticular_stenosis", level)
             found.append(replace(point, score=1.0 - distance / AXIAL_MATCH_MM))
