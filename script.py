@@ -3884,6 +3884,10 @@ def add_common_options(parser):
         default=BATCH_SIZE,
         help="images per step on each device; the global batch is this × the replicas (default: %(default)s)",
     )
+    add_workers_option(parser)
+
+
+def add_workers_option(parser):
     parser.add_argument(
         "--workers",
         type=positive_int,
@@ -4027,7 +4031,7 @@ def build_parser(command):
         parser.add_argument(
             "--out", required=True, type=Path, help="the CSV to write, in train_label_coordinates.csv's format"
         )
-        parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads (default: %(default)s)")
+        add_workers_option(parser)
     elif command == "prepare":
         parser.add_argument(
             "--competition-dir",
@@ -4058,7 +4062,7 @@ def build_parser(command):
             default=PREPARE_CROP_PIXELS,
             help="crop side in pixels (default: %(default)s)",
         )
-        parser.add_argument("--workers", type=positive_int, default=WORKERS, help="threads (default: %(default)s)")
+        add_workers_option(parser)
     elif command == "score":
         parser.add_argument(
             "--solution",
