@@ -805,11 +805,15 @@ def read_slices(series_dir, instance_numbers, without_spacing=None):
     """Read the given instances of a series: (dict of readable slices, "path: cause" of each broken file).
 
     Paths of slices without PixelSpacing are appended to without_spacing, when a list is given (read_slice)."""
+    return read_slice_files({number: series_dir / f"{number}.dcm" for number in instance_numbers}, without_spacing)
+
+
+def read_slice_files(paths, without_spacing=None):
+    """Read DICOM slices given as {key: path}: ({key: read_slice's result}, "path: cause" of each broken file)."""
     slices, undecodable_files = {}, []
-    for instance_number in instance_numbers:
-        path = series_dir / f"{instance_number}.dcm"
+    for key, path in paths.items():
         try:
-            slices[instance_number] = read_slice(path, without_spacing)
+            slices[key] = read_slice(path, without_spacing)
         # Decoders fail in many ways on damaged or unsupported files; any failure means "skip
         # this file and name it", never a crashed run.
         except Exception as error:
@@ -982,27 +986,14 @@ class Volume:
 
 def read_volume(stack, image_size):
     """Decode, window and resize every slice of a stack; None if none of its slices decodes."""
-    slices, _ = read_slices_by_path([header.path for header in stack.slices])
+    slices, _ = read_slice_files({index: header.path for index, header in enumerate(stack.slices)})
     if not slices:
         return None
     window = intensity_window([pixels for pixels, _, _ in slices.values()])
     images = np.zeros((len(stack.slices), image_size, image_size), np.uint8)
-    for index, header in enumerate(stack.slices):
-        if header.path in slices:
-            pixels = to_uint8(slices[header.path][0], window)
-            images[index] = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    for index, (pixels, _, _) in slices.items():
+        images[index] = cv2.resize(to_uint8(pixels, window), (image_size, image_size), interpolation=cv2.INTER_AREA)
     return Volume(stack, images)
-
-
-def read_slices_by_path(paths):
-    """Read DICOM slices: ({path: (pixels, row spacing, column spacing)}, names of broken files)."""
-    slices, undecodable = {}, []
-    for path in paths:
-        try:
-            slices[path] = read_slice(path)
-        except Exception as error:  # Any decoder failure skips that file, naming it.
-            undecodable.append(f"{path}: {error}")
-    return slices, undecodable
 
 
 def triplet(volume, index):
@@ -2352,7 +2343,7 @@ class LocaliserBatches(keras.utils.PyDataset):
             (number, kind)
             for number, study in enumerate(studies)
             for kind in study.volumes
-            if any(condition_kind(condition) == kind for condition, _ in study.points)
+            if any(CONDITION_KIND[condition] == kind for condition, _ in study.points)
         ]
         self.studies, self.batch_size, self.seed = studies, batch_size, seed
         self.augment, self.augmentation = augment, augmentation
@@ -2399,11 +2390,6 @@ class LocaliserBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         self.start_epoch(self.epoch + 1)
-
-
-def condition_kind(condition):
-    """The series kind a condition is labelled on."""
-    return CONDITION_KIND[condition]
 
 
 def train_localiser(studies, settings, options):
@@ -3454,12 +3440,7 @@ def localisation_metrics(found, studies):
     one instance of the labelled one (in the labelled series)."""
     rows = []
     for study in studies:
-        truth = {key: point for key, point in study.points.items()}
-        slices = {
-            key: (volume.stack.series_id, volume.stack.slices[index].instance_number)
-            for key in study.labels
-            for volume, index in [study.labels[key]]
-        }
+        truth = study.points
         for point in found.get(study.study_id, []):
             key = (point.condition, point.level)
             if key not in truth:
@@ -3470,14 +3451,16 @@ def localisation_metrics(found, studies):
                 for level in LEVELS
                 if level != point.level and (point.condition, level) in truth
             ]
-            series_id, instance = slices[key]
+            labelled_volume, labelled_index = study.labels[key]
+            labelled = labelled_volume.stack.slices[labelled_index].instance_number
             header = point.volume.stack.slices[point.index]
             rows.append(
                 {
-                    "group": CONDITION_GROUPS[next(group for group in CONDITION_GROUPS if group in point.condition)],
+                    "group": condition_groups([point.condition]).iloc[0],
                     "mm": distance,
                     "swap": bool(others) and min(others) < distance,
-                    "slice": point.volume.stack.series_id == series_id and abs(header.instance_number - instance) <= 1,
+                    "slice": point.volume.stack.series_id == labelled_volume.stack.series_id
+                    and abs(header.instance_number - labelled) <= 1,
                 }
             )
     table = pd.DataFrame(rows, columns=["group", "mm", "swap", "slice"])
