@@ -137,11 +137,14 @@ CLASS_WEIGHTS = (
 )  # loss weight per true class: the metric's LABEL_WEIGHTS, so training aims at the metric
 BATCH_NORMALIZATION_IMAGES = 512  # unaugmented training images that set BatchNormalization's statistics each epoch
 # The seed's ImageDataGenerator augmentation, for training batches only (AUGMENTATION_KEYS lists what is honoured).
+# A crop is centred on its labelled level, so shifts and turns stay small: the seed's 0.2 shift moved the centre
+# ~10 mm of a 48 mm crop, a third of the way to the next level, and with its 20° turns the sample's validation
+# weighted log loss was 0.65 after 8 epochs from scratch, against 0.29 with these (the constant: 1.08).
 # shear_range is in degrees in ImageDataGenerator, so 0.2 is a very light shear; kept for fidelity.
 AUGMENTATION = dict(
-    rotation_range=20,
-    width_shift_range=0.2,
-    height_shift_range=0.2,
+    rotation_range=10,
+    width_shift_range=0.1,
+    height_shift_range=0.1,
     shear_range=0.2,
     zoom_range=0.2,
     horizontal_flip=True,
@@ -1542,6 +1545,7 @@ def build_model(image_size, weights, from_scratch):
     if from_scratch:
         # From scratch the whole network learns, and BatchNormalization follows the phase: batch statistics
         # while training, the recalibrated population statistics at inference (see recalibrate_batch_normalization).
+        start_residual_blocks_as_identity(base)
         features = base(inputs)
     else:
         base.trainable = False
@@ -1561,6 +1565,19 @@ def build_model(image_size, weights, from_scratch):
     # of the learning check then stayed at 0.67 test accuracy through 8 epochs instead of reaching 1.00.
     outputs = layers.Dense(len(CLASS_NAMES), activation="softmax", dtype="float32", name="severity")(features)
     return keras.Model(inputs, outputs, name="spine_severity")
+
+
+def start_residual_blocks_as_identity(base):
+    """From scratch: zero the scale of the last BatchNormalization in each of ResNet50's 16 residual branches.
+
+    Each block then starts as its shortcut, so the random network is in effect a shallow one (stem and projection
+    shortcuts) that learns fast, and each branch joins in as its gradient grows (Goyal et al. 2017, "zero gamma").
+    Keras' ResNet50 starts every scale at one: on the shipped sample, 8 epochs at 64 px then learned nothing
+    (validation weighted log loss 1.06 against the constant's 1.08), and with the zeroed scales 0.65.
+    """
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization) and layer.name.endswith("_3_bn"):  # conv{N}_block{M}_3_bn
+            layer.gamma.assign(keras.ops.zeros_like(layer.gamma))
 
 
 def unfreeze_model(model, layer_count):
@@ -1686,6 +1703,8 @@ def build_localiser(image_size, weights, from_scratch):
         base = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
     except (OSError, ValueError) as error:
         raise InputError(f"Could not load ResNet50 weights '{weights}' for the localiser ({error}).") from None
+    if from_scratch:
+        start_residual_blocks_as_identity(base)
     trunk = keras.Model(base.input, [base.get_layer(name).output for name in LOCALISER_FEATURES], name="resnet50")
     inputs = keras.Input(shape=(image_size, image_size, 3), name="slices")
     # Pretrained, the whole trunk learns, its BatchNormalization in inference mode; from scratch, in training mode.
@@ -1730,6 +1749,40 @@ def localiser_loss(targets, outputs):
         keras.ops.sum(presence_mask, axis=-1), 1.0
     )
     return COORDINATE_LOSS_WEIGHT * coordinates + presences
+
+
+# The heatmap loss's target: a Gaussian of this many heatmap cells (stride 4) around the labelled point.
+HEATMAP_SIGMA_CELLS = 1.0
+
+
+@keras.saving.register_keras_serializable(package="rsna_spine")
+def heatmap_loss(targets, heatmaps):
+    """Cross-entropy between each labelled channel's softmax over positions and a Gaussian around its point.
+
+    The soft-argmax's L1 loss alone teaches through one expected value per point, whose gradient is weak and spread
+    over the whole map while the heatmap is still flat; this dense target tells every cell how near it is, so the
+    map sharpens in far fewer steps (on 24 studies, 30 epochs: canal median 9.4 → 5.1 mm, foramina 6.7 → 4.9 mm).
+    targets as in localiser_loss; heatmaps (batch, height, width, channels) of logits.
+    """
+    heatmaps = keras.ops.cast(heatmaps, "float32")
+    height, width, channels = heatmaps.shape[1], heatmaps.shape[2], heatmaps.shape[3]
+    targets = keras.ops.reshape(keras.ops.cast(targets, "float32"), (-1, channels, 5))  # Keras may add an axis.
+    logits = keras.ops.reshape(keras.ops.transpose(heatmaps, (0, 3, 1, 2)), (-1, channels, height * width))
+    centres_x = keras.ops.arange(width, dtype="float32") + 0.5  # In cells, as targets[..., :2] * size are.
+    centres_y = keras.ops.arange(height, dtype="float32") + 0.5
+    along_x = keras.ops.exp(-0.5 * ((centres_x - targets[..., 0:1] * width) / HEATMAP_SIGMA_CELLS) ** 2)
+    along_y = keras.ops.exp(-0.5 * ((centres_y - targets[..., 1:2] * height) / HEATMAP_SIGMA_CELLS) ** 2)
+    target = keras.ops.reshape(along_y[..., :, None] * along_x[..., None, :], (-1, channels, height * width))
+    target = target / keras.ops.maximum(keras.ops.sum(target, axis=-1, keepdims=True), 1e-12)
+    cross_entropy = -keras.ops.sum(target * keras.ops.log_softmax(logits, axis=-1), axis=-1)
+    mask = targets[..., 2]
+    return keras.ops.sum(cross_entropy * mask, axis=-1) / keras.ops.maximum(keras.ops.sum(mask, axis=-1), 1.0)
+
+
+def localiser_trainer(model):
+    """The localiser with its heatmap logits as a second output, for training with both losses; it shares every
+    layer with the localiser, which alone is saved and used."""
+    return keras.Model(model.input, [model.output, model.get_layer("heatmaps").output], name="localiser_trainer")
 
 
 def load_saved_model(path):
@@ -2386,15 +2439,16 @@ class LocaliserBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         samples = [self.sample(item) for item in self.order[index * self.batch_size : (index + 1) * self.batch_size]]
-        return localiser_input([image for image, _ in samples]), np.stack([targets for _, targets in samples])
+        targets = np.stack([targets for _, targets in samples])
+        return localiser_input([image for image, _ in samples]), (targets, targets)  # For both of the losses.
 
     def on_epoch_end(self):
         self.start_epoch(self.epoch + 1)
 
 
 def train_localiser(studies, settings, options):
-    """Train the localiser on labelled studies from its settings; returns the model, BatchNormalization
-    recalibrated on unaugmented training slices."""
+    """Train the localiser on labelled studies from its settings, on its points and heatmaps; returns the model,
+    BatchNormalization recalibrated on unaugmented training slices."""
     from_scratch = is_from_scratch(settings)
     weights, _ = resolve_weights(settings.weights)
     batches = LocaliserBatches(studies, settings.batch_size, options.seed, True, settings.augmentation, options.workers)
@@ -2409,12 +2463,13 @@ def train_localiser(studies, settings, options):
         warmup_target=settings.learning_rate,
         warmup_steps=warmup,
     )
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=localiser_loss)
+    trainer = localiser_trainer(model)
+    trainer.compile(optimizer=keras.optimizers.Adam(schedule), loss=[localiser_loss, heatmap_loss])
     print(
         f"localiser: {len(studies)} studies, {len(batches.items)} slices an epoch, {settings.epochs} epochs at "
         f"{settings.image_size} px, learning rate {settings.learning_rate:g} (warm-up, then cosine decay)"
     )
-    model.fit(
+    trainer.fit(
         batches,
         epochs=settings.epochs,
         shuffle=False,
@@ -2533,8 +2588,7 @@ def level_points(sagittal):
 
 
 def match_axial_slices(volumes, points):
-    """{level: (volume, index, distance, owned)}: each level's nearest axial slice, across all axial stacks and
-    series, and the indices of the slices in that stack that belong to the level.
+    """{level: (volume, index, distance)}: each level's nearest axial slice, across all axial stacks and series.
 
     Every slice first goes to the level whose point is nearest to its plane, so neighbouring levels never share a
     slice (the boundary is their midpoint); a level then takes its nearest slice, if within AXIAL_MATCH_MM.
@@ -2552,25 +2606,22 @@ def match_axial_slices(volumes, points):
             x, y, _ = stack.world_to_pixel(points[level], index)
             if distance <= AXIAL_MATCH_MM and stack.contains(x, y):
                 if level not in best or distance < best[level][2]:
-                    best[level] = (volume, index, distance, np.flatnonzero(owners == owner))
+                    best[level] = (volume, index, distance)
     return best
 
 
-AXIAL_REFINE_SLICES = 2  # The recess presence head may move a level's axial slice this far within its own slices.
-
-
 def localise_axial(model, study, sagittal):
-    """The left and right recess points on each level's axial slice: the slice matched by geometry, or the one
-    within AXIAL_REFINE_SLICES of it (among that level's own) where the recesses' presence is highest. The
-    sagittal points place a level to a few millimetres along the spine, about one axial slice spacing."""
-    matches = match_axial_slices(study.volumes.get("recess", []), level_points(sagittal))
+    """The left and right recess points on each level's axial slice, the one geometry matched to its sagittal point.
+
+    The slice comes from geometry alone: with the canal found to ~3 mm along the spine, the nearest slice was within
+    one of the labelled one for 94 % of the recesses (80 training studies), while letting the recess presence head
+    move it up to two slices brought that down to 79 %."""
     found = []
     left, right = KIND_CHANNELS["recess"]
-    for level, (volume, index, distance, owned) in matches.items():
-        candidates = [int(other) for other in owned if abs(int(other) - index) <= AXIAL_REFINE_SLICES]
-        outputs = predict_slices(model, volume, candidates)
-        best = int(np.argmax(outputs[:, [left, right], 2].mean(axis=1)))
-        index, output = candidates[best], outputs[best]
+    for level, (volume, index, distance) in match_axial_slices(
+        study.volumes.get("recess", []), level_points(sagittal)
+    ).items():
+        output = predict_slices(model, volume, [index])[0]
         for channel, side in ((left, "left"), (right, "right")):
             point = point_on(volume, index, output, channel, f"{side}_subarticular_stenosis", level)
             found.append(replace(point, score=1.0 - distance / AXIAL_MATCH_MM))

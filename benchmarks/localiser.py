@@ -119,10 +119,11 @@ def main():
         for study_id in sorted(train_series)
     ] * 8
     batches = script.LocaliserBatches(studies, script.LOCALISER_BATCH_SIZE, 0, True, script.LOCALISER_AUGMENTATION, 2)
-    localiser.compile(optimizer="adam", loss=script.localiser_loss)
-    localiser.fit(batches, epochs=1, verbose=0)
+    trainer = script.localiser_trainer(localiser)
+    trainer.compile(optimizer="adam", loss=[script.localiser_loss, script.heatmap_loss])
+    trainer.fit(batches, epochs=1, verbose=0)
     started = time.perf_counter()
-    localiser.fit(batches, epochs=1, verbose=0)
+    trainer.fit(batches, epochs=1, verbose=0)
     per_slice = (time.perf_counter() - started) / len(batches.items)
 
     report = {
