@@ -7,7 +7,7 @@ against the naive design in the same run.
     python benchmarks/localiser.py --studies 8
 
 Ours: every sagittal slice runs through the localiser once (presence picks the slice), and each level's axial slice
-is matched by geometry, so the axial series cost five slices per level at most; timed alone (ours_localise_only)
+is matched by geometry, so the axial series cost one slice per level; timed alone (ours_localise_only)
 and with the crops and the severity model (ours). Naive (naive_localise_only): the localiser runs on every slice of
 every series, axial ones included. Both use untrained models, which
 cost the same as trained ones. Target: ≤ 5 s per study on 2 cores. Writes benchmarks/localiser_results.json.

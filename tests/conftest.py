@@ -55,3 +55,23 @@ def tiny_run(tiny_dataset, tmp_path_factory):
     exit_code = script.main([*TINY_RUN, "--data-dir", str(tiny_dataset), "--output-dir", str(output_dir)])
     assert exit_code == 0
     return output_dir
+
+
+# The suite runs on two workers, a test file to each at a time (pytest.ini); handing out the slowest files first
+# keeps one worker from starting a long file while the other has finished everything else.
+SLOWEST_FILES_FIRST = (
+    "test_faults.py",
+    "test_localiser.py",
+    "test_distribute.py",
+    "test_learning.py",
+    "test_probe.py",
+    "test_pipeline.py",
+    "test_competition_flow.py",
+    "test_notebook.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Order the tests by SLOWEST_FILES_FIRST, then as collected."""
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

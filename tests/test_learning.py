@@ -20,7 +20,7 @@ LEARNING_RUN = [
     "--image-size",
     "32",
     "--epochs",
-    "8",
+    "5",
     "--fine-tune-epochs",
     "0",
     "--batch-size",

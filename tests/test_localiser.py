@@ -14,7 +14,7 @@ from conftest import script
 # Ten training studies (two held out for validation) and two test studies, at 96 px so that a run is quick.
 TRAIN_STUDIES, TEST_STUDIES, DICOM_SIZE = 10, 2, 96
 LOCALISER_RUN = (
-    "--weights none --image-size 32 --epochs 1 --fine-tune-epochs 0 --localiser-epochs 24 --localiser-image-size 64 "
+    "--weights none --image-size 32 --epochs 1 --fine-tune-epochs 0 --localiser-epochs 12 --localiser-image-size 64 "
     "--seed 0"
 ).split()
 # A short run must bring the median error well below that of a guess that knows no anatomy: each point at the
@@ -69,7 +69,7 @@ def test_training_on_a_competition_trains_and_measures_the_localiser(trained):
     severity = localisation["severity"]
     assert severity["rows"] > 0 and severity["score_at_found_points"] > 0 and severity["score_at_labelled_points"] > 0
     assert (trained / "localisation.png").is_file()
-    assert json.loads((trained / "config.json").read_text())["localiser_model"]["epochs"] == 24
+    assert json.loads((trained / "config.json").read_text())["localiser_model"]["epochs"] == 12
 
 
 def test_localise_prepare_predict_fills_every_row_at_points_near_the_truth(competition, trained, tmp_path):
