@@ -108,3 +108,69 @@ def test_nearest_slice_across_series_is_the_labelled_one(competition):
                 assert abs(distance) == pytest.approx(abs(point.distance_to_slice), abs=0.01)
                 checked += 1
     assert checked > 100
+
+
+@pytest.fixture(scope="module")
+def labelled_studies(competition):
+    """Each study as the localiser reads it, with its labelled points in the world."""
+    coordinates = script.read_coordinates(competition.root / "train_label_coordinates.csv")
+    ids = sorted(set(coordinates["study_id"]))
+    return script.read_localiser_studies(competition.root, "train", ids, 32, coordinates)
+
+
+def test_the_spine_frame_runs_up_the_spine_to_the_left_and_back():
+    """At every level: three unit directions at right angles; up follows the curve towards the head (+z), left is the
+    patient's +x, and the third points backwards (+y)."""
+    heights = 140.0 - 35.0 * np.arange(len(script.LEVELS))  # L1/L2 at the top.
+    canal = {level: np.array([5.0, -0.004 * (z - 70.0) ** 2, z]) for level, z in zip(script.LEVELS, heights)}
+    frames = script.spine_frames(canal)
+    assert set(frames) == set(script.LEVELS)
+    for frame in frames.values():
+        np.testing.assert_allclose(frame.T @ frame, np.eye(3), atol=1e-9)
+        up, left, back = frame.T
+        assert up[2] > 0.9 and left[0] > 0.99 and back[1] > 0.9
+    np.testing.assert_allclose(frames["l3_l4"], np.eye(3)[:, [2, 0, 1]], atol=1e-9)  # Upright at the curve's apex.
+    assert script.spine_frames({"l1_l2": canal["l1_l2"]}) == {}  # One level shows no direction.
+
+
+def turned(points, degrees):
+    """Points turned about the patient's x axis (the spine leaning forwards or back) around their mean."""
+    angle = np.radians(degrees)
+    turn = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    centre = np.mean(list(points.values()), axis=0)
+    return {key: centre + turn @ (point - centre) for key, point in points.items()}
+
+
+@pytest.mark.parametrize("lean", [0, 25])
+def test_learned_offsets_find_an_unseen_studys_foramina_and_recesses(labelled_studies, lean):
+    """Offsets learned from the other studies' labels, in each level's spine frame, put a study's foramina and
+    lateral recesses within a few millimetres of its labelled points, from its canal points alone, also when the
+    whole study leans otherwise than any the offsets were learned from."""
+    errors = []
+    for study in labelled_studies:
+        offsets = script.learn_offsets([other for other in labelled_studies if other is not study])
+        points = turned(study.points, lean)
+        canal = {key: point for key, point in points.items() if key[0] == "spinal_canal_stenosis"}
+        expected = script.expected_points(canal, offsets)
+        errors += [np.linalg.norm(expected[key] - point) for key, point in points.items() if key in expected]
+    assert len(errors) > 100
+    assert np.median(errors) < 3.0 and np.percentile(errors, 90) < 5.0, np.percentile(errors, [50, 90])
+
+
+def test_a_point_is_present_on_its_labelled_slice_and_located_on_its_neighbours_too(labelled_studies):
+    """slice_targets: a canal point is present on its labelled slice alone; its coordinates are taught there and on
+    the slices either side (still within 1.5 spacings), not three slices away."""
+    checked = 0
+    for study in labelled_studies:
+        for (condition, level), (volume, index) in study.labels.items():
+            if condition != "spinal_canal_stenosis":
+                continue
+            channel = script.LOCALISER_CHANNELS.index((condition, level))
+            for step in (-1, 0, 1, 3):
+                if 0 <= index + step < len(volume.images):
+                    targets = script.slice_targets(study, "canal", volume, index + step)[channel]
+                    assert targets[script.PRESENCE_MASK] == 1
+                    assert targets[script.PRESENCE] == (step == 0)
+                    assert targets[script.COORDINATE_MASK] == (step != 3)
+                    checked += 1
+    assert checked > 50
