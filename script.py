@@ -2674,17 +2674,16 @@ def level_points(sagittal, offsets=None):
     offsets place them, else its canal point, else the middle of its foramina."""
     points = {(point.condition, point.level): point.world for point in sagittal}
     expected = expected_points(points, offsets)
+    canal, foramina = reference_points(points, "canal"), reference_points(points, "foramina")
     levels = {}
     for level in LEVELS:
         recesses = [expected.get((f"{side}_subarticular_stenosis", level)) for side in ("left", "right")]
         if all(point is not None for point in recesses):
             levels[level] = np.mean(recesses, axis=0)
-        elif ("spinal_canal_stenosis", level) in points:
-            levels[level] = points[("spinal_canal_stenosis", level)]
-        else:
-            foramina = reference_points(points, "foramina")
-            if level in foramina:
-                levels[level] = foramina[level]
+        elif level in canal:
+            levels[level] = canal[level]
+        elif level in foramina:
+            levels[level] = foramina[level]
     return levels
 
 
