@@ -1,8 +1,10 @@
-"""The two training phases train exactly the intended layers, and BatchNormalization never learns."""
+"""The two training phases train exactly the intended layers, and BatchNormalization never learns; the localiser's
+heatmap decoding and its presence read under the heatmap."""
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import script
 
 IMAGE_SIZE = 32  # The smallest input ResNet50 accepts keeps each training step cheap.
@@ -138,3 +140,41 @@ def test_from_scratch_model_learns_everywhere_in_both_phases():
     script.unfreeze_model(model, script.FINE_TUNE_LAYERS)
     assert len(model.trainable_weights) == trainable
     assert any(is_batch_normalization(layer) for layer in script.learning_batch_normalizations(model))
+
+
+def two_peaks(strong, weak, size=16, channels=1):
+    """Heatmap logits (1, size, size, channels) with a strong peak at cell `strong` and a weaker one at `weak`
+    ((row, column) each), on a flat floor."""
+    heatmaps = np.full((1, size, size, channels), -10.0, np.float32)
+    heatmaps[0, strong[0], strong[1]] = 3.0
+    heatmaps[0, weak[0], weak[1]] = 2.0
+    return heatmaps
+
+
+def test_found_points_sit_on_the_heatmaps_peak_not_between_two_peaks():
+    """Training averages over the whole map, so a map torn between two discs gives a point between them; predicting
+    averages near the stronger peak only, so the point lands on one disc."""
+    layer = script.SpatialSoftArgmax(window=2)
+    heatmaps = two_peaks(strong=(12, 8), weak=(3, 8))
+    centre = (np.array([8, 12]) + 0.5) / 16  # (x, y) of the strong peak's cell, normalised
+    trained = keras.ops.convert_to_numpy(layer(heatmaps, training=True))[0, 0]
+    predicted = keras.ops.convert_to_numpy(layer(heatmaps, training=False))[0, 0]
+    assert trained[1] < centre[1] - 0.1  # pulled a good way towards the weaker peak
+    np.testing.assert_allclose(predicted, centre, atol=1e-4)
+    # Saved and loaded, the layer keeps its window.
+    assert script.SpatialSoftArgmax.from_config(layer.get_config()).window == 2
+
+
+def test_presence_is_read_where_the_heatmap_puts_the_point_and_cannot_move_it():
+    heatmaps = two_peaks(strong=(5, 5), weak=(5, 5))  # one peak
+    presence_maps = np.full((1, 16, 16, 1), -4.0, np.float32)
+    presence_maps[0, 5, 5] = 6.0
+    layer = script.PresenceUnderHeatmap()
+    assert float(keras.ops.convert_to_numpy(layer([heatmaps, presence_maps]))[0, 0]) > 5.5
+    moved = np.roll(presence_maps, 4, axis=1)  # the same evidence, away from the point
+    assert float(keras.ops.convert_to_numpy(layer([heatmaps, moved]))[0, 0]) < -3.5
+    heatmaps = tf.Variable(heatmaps)
+    with tf.GradientTape() as tape:
+        presence = layer([heatmaps, presence_maps])
+    gradient = tape.gradient(presence, heatmaps)
+    assert gradient is None or not np.any(gradient.numpy())
