@@ -27,9 +27,8 @@ sample, with the offline command above, reaches a validation score of 0.312 agai
 prediction (lower is better), accuracy 0.947, in 4.6 minutes; real photographs, three classes by source, 380/60
 images at 64 px, 5 + 3 epochs: test accuracy 1.000. The level localiser, on a synthetic competition of 80 training
 and 20 test studies (30 epochs at 128 px, about 26 minutes for the whole run): median errors 1.6 mm (canal), 2.0 mm
-(foramina), 1.2 mm (recesses), 84-96 % on the labelled slice; its submission scored 0.327 against 0.305 with the
-true test points, so localisation costs 0.02; on a second such competition 0.387 against 0.329, still 0.06
-(2026-12-03).
+(foramina), 1.2 mm (recesses), 84-96 % on the labelled slice; its submission scored 0.328 against 0.305 with the
+true test points, so localisation costs 0.02; on a second such competition 0.376 against 0.329, 0.047 (2026-12-03).
 Throughput: the input pipeline outpaces the model ~50x on these cores (README, benchmarks/bench.py).
 
 Contents (each section starts with a banner `# == N. name ==`; `grep -n '^# == ' script.py` prints this map):
@@ -165,6 +164,10 @@ LOCALISER_LEARNING_RATE = 1e-3  # Adam; warmed up over the first epoch, then cos
 LOCALISER_AUGMENTATION = dict(rotation_range=10, width_shift_range=0.08, height_shift_range=0.08, zoom_range=0.1)
 LOCALISER_PEAK_WINDOW = 2  # heatmap cells (stride 4, so ±8 input px) around the peak that a found point averages over
 AXIAL_MATCH_MM = 5.0  # an axial slice farther than this from a level's point is no match for it
+# A found point's severity is the mean over its slice and the slices beside it, weighted by presence ** this power:
+# where the localiser cannot tell two slices apart, the prediction hedges between them rather than betting on one.
+SLICE_MIX_POWER = 4
+SLICE_MIX_MINIMUM = 0.05  # a neighbour weighted less than this is not cropped at all
 
 # prepare: crops cut from the competition DICOMs.
 # 48 mm covers one disc level with context: the disc (about 10 mm tall) plus roughly half of the
@@ -285,6 +288,9 @@ CONDITION_GROUPS = {
 STUDY_PATTERN = re.compile(r"^(\d+)_")  # Row ids like 4003253_spinal_canal_stenosis_l1_l2 name their study.
 TRAIN_COLUMNS = ("row_id", "image_path", *CLASS_NAMES)
 TEST_COLUMNS = ("row_id", "image_path")
+# Optional in test.csv and in coordinates: a row_id listed once per crop (or slice) with this column is predicted as
+# the weighted mean of its crops' predictions.
+CROP_WEIGHT = "crop_weight"
 SUBMISSION_COLUMNS = ("row_id", *CLASS_NAMES)
 WIDE_LABEL_COLUMNS = tuple(f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS)
 PROBABILITY_EPSILON = 1e-15  # The official metric clips probabilities to [epsilon, 1 - epsilon].
@@ -383,11 +389,13 @@ def require_columns(path, frame, columns):
         )
 
 
-def refuse_duplicate_row_ids(path, frame):
+def refuse_duplicate_row_ids(path, frame, repeats_allowed=False):
     """Every row_id must be present and unique: submissions and labels are keyed by it."""
     empty = frame.index[frame["row_id"].str.strip() == ""]
     if len(empty):
         raise InputError(f"{path}: empty row_id on line(s) {list_some(empty + 2)}. Give every row an id.")
+    if repeats_allowed:
+        return
     duplicated = frame["row_id"][frame["row_id"].duplicated()].unique()
     if len(duplicated):
         raise InputError(f"{path}: duplicate row_id(s) {list_some(duplicated)}. Each row_id must be unique.")
@@ -515,15 +523,23 @@ def load_train_table(data_dir, skip_bad_images=False):
 def load_test_table(data_dir):
     """test.csv with validated images; every row is kept, since a submission must be complete.
 
-    An empty image_path means "no image" on purpose: that row gets its location's best constant.
+    An empty image_path means "no image" on purpose: that row gets its location's best constant. With a CROP_WEIGHT
+    column, a row_id may be listed once for each of several crops (prepare writes this where a found point's
+    slice is uncertain); its prediction is their weighted mean.
     """
     path = data_dir / "test.csv"
-    frame = read_table(path, TEST_COLUMNS)
+    frame = read_csv(path)
+    require_columns(path, frame, TEST_COLUMNS)
+    weighted = CROP_WEIGHT in frame.columns
+    refuse_duplicate_row_ids(path, frame, repeats_allowed=weighted)
     if frame.empty:
         raise InputError(f"{path}: no rows. List the row_ids to predict.")
     image_paths = resolve_image_paths(data_dir, frame)
     check_images(path, frame, image_paths)
-    return pd.DataFrame({"row_id": frame["row_id"], "image_path": image_paths})
+    table = pd.DataFrame({"row_id": frame["row_id"], "image_path": image_paths})
+    if weighted:
+        table[CROP_WEIGHT] = positive_weights(path, frame[CROP_WEIGHT])
+    return table
 
 
 def study_ids(row_ids):
@@ -634,10 +650,12 @@ def snake_case(names):
 def read_coordinates(path):
     """Label coordinates as row_id, study_id, series_id, instance_number, x and y; one point per row_id.
 
-    Accepts the competition's spelling of condition and level as well as snake_case.
+    Accepts the competition's spelling of condition and level as well as snake_case. With a CROP_WEIGHT column (as
+    the localiser writes for the test studies), a row_id may have a point on several slices, each weighted.
     """
     columns = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
     coordinates = read_competition_csv(path, columns)
+    weighted = CROP_WEIGHT in coordinates.columns
     condition, level = snake_case(coordinates["condition"]), snake_case(coordinates["level"])
     for names, known, column in ((condition, CONDITIONS, "condition"), (level, LEVELS, "level")):
         unknown = sorted(set(names) - set(known))
@@ -665,6 +683,7 @@ def read_coordinates(path):
             f"{path}: blank study_id or series_id on line(s) {list_some(coordinates.index[blank_ids] + 2)}."
         )
     study_id, series_id = coordinates["study_id"].str.strip(), coordinates["series_id"].str.strip()
+    weights = positive_weights(path, coordinates[CROP_WEIGHT]) if weighted else None
     coordinates = pd.DataFrame(
         {
             "row_id": study_id + "_" + condition + "_" + level,
@@ -675,10 +694,24 @@ def read_coordinates(path):
             "y": numbers["y"].astype(float),
         }
     )
+    coordinates = coordinates.sort_values(["row_id", "series_id", "instance_number", "x", "y"])
+    if weighted:
+        coordinates[CROP_WEIGHT] = weights
+        return coordinates.drop_duplicates(["row_id", "series_id", "instance_number"]).reset_index(drop=True)
     # Some (study, condition, level) triples have several points. Keep the first by series id,
     # instance number and position, so the pick does not depend on the file's row order.
-    coordinates = coordinates.sort_values(["row_id", "series_id", "instance_number", "x", "y"])
     return coordinates.drop_duplicates("row_id").reset_index(drop=True)
+
+
+def positive_weights(path, column):
+    """A CROP_WEIGHT column as floats, refused unless every one is a finite number > 0."""
+    weights = pd.to_numeric(column.str.strip(), errors="coerce")
+    bad = ~(np.isfinite(weights) & (weights > 0))
+    if bad.any():
+        raise InputError(
+            f"{path}: {CROP_WEIGHT} must be a number > 0; it is not on line(s) {list_some(column.index[bad] + 2)}."
+        )
+    return weights.astype(float)
 
 
 def read_labels(path):
@@ -721,7 +754,11 @@ def read_split_rows(competition_dir, split, coordinates):
     """The rows of one split and the counts of rows without a label or coordinate."""
     if split == "train":
         labels = read_labels(competition_dir / "train.csv")
-        return labelled_rows(labels, read_coordinates(coordinates or competition_dir / "train_label_coordinates.csv"))
+        coordinates = read_coordinates(coordinates or competition_dir / "train_label_coordinates.csv")
+        if CROP_WEIGHT in coordinates:  # A label is trained on one crop: its most weighted slice.
+            coordinates = coordinates.sort_values(CROP_WEIGHT, ascending=False, kind="stable").drop_duplicates("row_id")
+            coordinates = coordinates.drop(columns=CROP_WEIGHT)
+        return labelled_rows(labels, coordinates)
     if split == "test":
         series_descriptions = read_competition_csv(competition_dir / "test_series_descriptions.csv", ["study_id"])
         rows = submission_rows(series_descriptions, read_coordinates(coordinates) if coordinates else None)
@@ -1040,7 +1077,7 @@ def study_series(series_descriptions):
 class Crop:
     """One requested crop: which instance, where on it, and where the PNG goes."""
 
-    row_id: str
+    name: str  # its row_id, or row_id_instance where a row's prediction mixes several slices (crop_names)
     instance_number: int
     x: float
     y: float
@@ -1123,7 +1160,7 @@ def crop_series(task, crop_mm, crop_pixels):
     """
     result = SeriesResult()
     pending = [crop for crop in task.crops if not crop.output_path.exists()]
-    result.kept = [crop.row_id for crop in task.crops if crop not in pending]
+    result.kept = [crop.name for crop in task.crops if crop not in pending]
     if not pending:
         return result
     if not task.series_dir.is_dir():
@@ -1139,7 +1176,7 @@ def crop_series(task, crop_mm, crop_pixels):
             triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
         elif crop in pending:
             result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
-            result.missing_instance.append(crop.row_id)
+            result.missing_instance.append(crop.name)
     # Read the slices of every crop, also those already on disk, so the window does not depend
     # on which crops a resumed run still had to write.
     instances = sorted(set().union(*triplets.values()))
@@ -1152,7 +1189,7 @@ def crop_series(task, crop_mm, crop_pixels):
             continue
         pixels, row_spacing, column_spacing = slices[crop.instance_number]
         if crop_inside_share(pixels.shape, crop.x, crop.y, row_spacing, column_spacing, crop_mm) < MINIMUM_CROP_INSIDE:
-            result.outside_image.append(crop.row_id)  # Would be mostly black: skipped, never trained on.
+            result.outside_image.append(crop.name)  # Would be mostly black: skipped, never trained on.
             continue
         channels = []
         for instance_number in triplets[crop]:
@@ -1163,17 +1200,24 @@ def crop_series(task, crop_mm, crop_pixels):
             channels.append(channel)
         # OpenCV writes blue, green, red, so reverse the channels to store them as RGB.
         write_png(crop.output_path, to_uint8(np.stack(channels[::-1], axis=-1), window))
-        result.written.append(crop.row_id)
+        result.written.append(crop.name)
     return result
 
 
+def crop_names(rows):
+    """Each row's crop name: its row_id, or row_id_instance for a row_id listed once per slice it mixes."""
+    several = rows["row_id"].duplicated(keep=False)
+    instance = rows["instance_number"].astype("Int64").astype(str)
+    return rows["row_id"].where(~several, rows["row_id"] + "_" + instance)
+
+
 def crop_tasks(rows, images_dir, output_dir):
-    """Group the rows that have a coordinate into one task per series."""
+    """Group the rows that have a coordinate (and their crop name) into one task per series."""
     crops_by_series = {}
-    points = rows.dropna(subset=["series_id"])[["study_id", "series_id", "row_id", "instance_number", "x", "y"]]
+    points = rows.dropna(subset=["series_id"])[["study_id", "series_id", "crop", "instance_number", "x", "y"]]
     # One pass over plain tuples: a pandas groupby takes seconds for the ~6,000 series.
-    for study_id, series_id, row_id, instance_number, x, y in points.itertuples(index=False):
-        crop = Crop(row_id, int(instance_number), x, y, output_dir / f"{row_id}.png")
+    for study_id, series_id, name, instance_number, x, y in points.itertuples(index=False):
+        crop = Crop(name, int(instance_number), x, y, output_dir / f"{name}.png")
         crops_by_series.setdefault((study_id, series_id), []).append(crop)
     return [
         SeriesTask(images_dir / study_id / series_id, tuple(crops))
@@ -1194,7 +1238,7 @@ def crop_sources(tasks, crop_mm, crop_pixels):
         series = task.series_dir.resolve()
         instances = ",".join(str(number) for number in sorted({crop.instance_number for crop in task.crops}))
         for crop in task.crops:
-            sources[crop.row_id] = (
+            sources[crop.name] = (
                 f"{series}/{crop.instance_number}.dcm at ({crop.x!r}, {crop.y!r}); {crop_mm!r} mm, {crop_pixels} px; "
                 f"window from instances {instances}"
             )
@@ -2579,13 +2623,15 @@ class LocalisedPoint:
     x: float  # pixels of the original slice
     y: float
     score: float  # the presence probability (sagittal) or 1 - distance / AXIAL_MATCH_MM (axial)
+    slices: tuple = ()  # ((slice index, weight), ...): the slices its severity is averaged over (mixed_slices)
 
     @property
     def world(self):
         return self.volume.stack.pixel_to_world(self.index, self.x, self.y)
 
-    def row(self, study_id):
-        header = self.volume.stack.slices[self.index]
+    def row(self, study_id, index=None):
+        """Its row in train_label_coordinates.csv's format, on its own slice or another one of its stack."""
+        header = self.volume.stack.slices[self.index if index is None else index]
         return {
             "study_id": study_id,
             "series_id": self.volume.stack.series_id,
@@ -2597,11 +2643,35 @@ class LocalisedPoint:
         }
 
 
-def point_on(volume, index, output, channel, condition, level):
-    """A LocalisedPoint from one slice's output channel, in the slice's own pixels."""
+def mixed_slices(indices, presences, chosen):
+    """((slice index, weight), ...): the chosen slice and those beside it among `indices`, weighted by their
+    `presences` ** SLICE_MIX_POWER; a neighbour under SLICE_MIX_MINIMUM is left out.
+
+    The labels' slice is the one nearest the point, and two slices can be nearly as near: then the localiser's
+    presence is split between them, and so is the prediction. (Seed 11's 20 test studies: the subarticular score at
+    the found points 0.463 → 0.400, against 0.377 at the true ones; the others within ±0.004.)"""
+    near = [(index, presence) for index, presence in zip(indices, presences) if abs(index - chosen) <= 1]
+    weights = np.array([presence for _, presence in near], np.float64) ** SLICE_MIX_POWER
+    if not weights.sum() > 0:
+        return ((int(chosen), 1.0),)
+    weights /= weights.sum()
+    kept = [
+        (index, weight) for (index, _), weight in zip(near, weights) if weight >= SLICE_MIX_MINIMUM or index == chosen
+    ]
+    total = sum(weight for _, weight in kept)
+    return tuple((int(index), round(float(weight / total), 4)) for index, weight in kept)
+
+
+def point_on(volume, indices, outputs, row, channel, condition, level):
+    """A LocalisedPoint on slice indices[row], from that slice's output channel (outputs[row]), in the slice's own
+    pixels; its severity mixes in the slices beside it among `indices`."""
     rows, columns = volume.stack.shape
-    x, y, presence = output[channel]
-    return LocalisedPoint(condition, level, volume, index, x * columns - 0.5, y * rows - 0.5, float(presence))
+    x, y, presence = outputs[row, channel]
+    indices = list(indices)
+    slices = mixed_slices(indices, outputs[:, channel, 2], indices[row])
+    return LocalisedPoint(
+        condition, level, volume, indices[row], x * columns - 0.5, y * rows - 0.5, float(presence), slices
+    )
 
 
 # Where the levels lie. The localiser sees one slice at a time; which slice holds a point also follows from the
@@ -2686,7 +2756,7 @@ def localise_sagittal(model, study):
         outputs = predict_slices(model, volume, range(len(volume.images)))
         for channel, level in zip(KIND_CHANNELS["canal"], LEVELS):
             index = most_present(outputs, channel, range(len(outputs)))
-            found.append(point_on(volume, index, outputs[index], channel, "spinal_canal_stenosis", level))
+            found.append(point_on(volume, range(len(outputs)), outputs, index, channel, "spinal_canal_stenosis", level))
     if "foramen" in study.volumes:
         volume = study.volumes["foramen"][0]
         outputs = predict_slices(model, volume, range(len(volume.images)))
@@ -2709,7 +2779,7 @@ def localise_sagittal(model, study):
                     candidates = near if len(near) else candidates
                 if len(candidates):
                     index = most_present(outputs, channel, candidates)
-                    found.append(point_on(volume, index, outputs[index], channel, condition, level))
+                    found.append(point_on(volume, range(len(outputs)), outputs, index, channel, condition, level))
     return found
 
 
@@ -2777,9 +2847,7 @@ def localise_axial(model, study, sagittal):
         level_outputs = np.stack([outputs[id(volume), each] for each in near[level]])
         for channel, side in ((left, "left"), (right, "right")):
             row = most_present(level_outputs, channel, range(len(level_outputs)))
-            point = point_on(
-                volume, near[level][row], level_outputs[row], channel, f"{side}_subarticular_stenosis", level
-            )
+            point = point_on(volume, near[level], level_outputs, row, channel, f"{side}_subarticular_stenosis", level)
             found.append(replace(point, score=1.0 - distance / AXIAL_MATCH_MM))
     return found
 
@@ -3152,15 +3220,22 @@ def save_localisation_plot(found, studies, output_dir, count=3):
     return path
 
 
-def fill_rows_without_image(test_table, image_probabilities, constants):
-    """All test rows' probabilities: the models' for rows with an image, the best constant for the rest."""
+def row_probabilities(test_table, image_probabilities, constants):
+    """(row_ids in test.csv's order, their probabilities): the models' for a row with an image (the CROP_WEIGHT-
+    weighted mean where a row lists several), the best constant for a row without one."""
     has_image = test_table["image_path"].notna().to_numpy()
-    probabilities = np.empty((len(test_table), len(CLASS_NAMES)))
-    probabilities[has_image] = image_probabilities
-    if not has_image.all():
-        print(f"test.csv: {int((~has_image).sum())} row(s) without an image get their location's best constant.")
-        probabilities[~has_image] = constant_predictions(test_table["row_id"][~has_image], constants)
-    return probabilities
+    weights = test_table[CROP_WEIGHT].to_numpy(float) if CROP_WEIGHT in test_table else np.ones(len(test_table))
+    row_ids = pd.Series(pd.unique(test_table["row_id"]), name="row_id")
+    position = pd.Index(row_ids).get_indexer(test_table["row_id"])[has_image]
+    sums, totals = np.zeros((len(row_ids), len(CLASS_NAMES))), np.zeros(len(row_ids))
+    np.add.at(sums, position, weights[has_image, None] * np.asarray(image_probabilities).reshape(-1, len(CLASS_NAMES)))
+    np.add.at(totals, position, weights[has_image])
+    probabilities = sums / np.where(totals > 0, totals, 1.0)[:, None]
+    without = totals == 0
+    if without.any():
+        print(f"test.csv: {int(without.sum())} row(s) without an image get their location's best constant.")
+        probabilities[without] = constant_predictions(row_ids[without], constants)
+    return row_ids, probabilities
 
 
 def write_submission(row_ids, probabilities, path):
@@ -3180,7 +3255,7 @@ def print_start_summary(data_dir, table, test_table, weights_source):
     counts = np.bincount(table["label"], minlength=len(CLASS_NAMES))
     mix = ", ".join(f"{name} {count} ({count / len(table):.0%})" for name, count in zip(CLASS_NAMES, counts))
     devices = ", ".join(sorted({device.device_type for device in tf.config.list_logical_devices()}))
-    tests = f"{len(test_table)} test rows" if len(test_table) else "no test set (--no-test)"
+    tests = f"{test_table['row_id'].nunique()} test rows" if len(test_table) else "no test set (--no-test)"
     print(f"data:    {data_dir.resolve()}: {len(table)} training rows ({mix}), {tests}")
     print(f"device:  {devices}")
     print(f"weights: {weights_source}")
@@ -3417,9 +3492,8 @@ def write_training_outputs(run, results, constants, weights_source):
         print("\nno validation rows (--val-fraction 0): the model is the last epoch's and nothing is scored.")
     if len(run.test_table):
         test_probabilities = np.mean([result.test_probabilities for result in results], axis=0)
-        probabilities = fill_rows_without_image(run.test_table, test_probabilities, constants)
-        submission_path = output_dir / "submission.csv"
-        artifacts["submission"] = write_submission(run.test_table["row_id"], probabilities, submission_path)
+        row_ids, probabilities = row_probabilities(run.test_table, test_probabilities, constants)
+        artifacts["submission"] = write_submission(row_ids, probabilities, output_dir / "submission.csv")
     else:
         print("no test set (--no-test): no submission.csv written.")
     # config.json comes last and lists the run's outputs, so that predict and a later run know which files are one set.
@@ -3441,7 +3515,7 @@ def train(options, localisation=None):
     settings = severity_model(options)
     table = load_train_table(options.data_dir, options.skip_bad_images)
     test_table = load_test_table(options.data_dir) if not options.no_test else pd.DataFrame(columns=TEST_COLUMNS)
-    in_both = test_table["row_id"][test_table["row_id"].isin(table["row_id"])]
+    in_both = test_table["row_id"][test_table["row_id"].isin(table["row_id"])].drop_duplicates()
     if len(in_both):
         print(
             f"warning: {len(in_both)} test.csv row_id(s) also appear in train.csv ({list_some(in_both, limit=5)}): "
@@ -3516,7 +3590,8 @@ def predict(options):
     options.model = model_files(options.model)
     test_table = load_test_table(data_dir)
     constants = {}
-    if test_table["image_path"].isna().any():  # Those rows need the training run's priors.
+    with_image = set(test_table["row_id"][test_table["image_path"].notna()])
+    if not set(test_table["row_id"]) <= with_image:  # Rows without any image need the training run's priors.
         config_path = options.model[0].parent / "config.json"
         if not config_path.is_file():
             raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
@@ -3533,10 +3608,10 @@ def predict(options):
     for path in options.model:  # One model in memory at a time.
         image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
         keras.backend.clear_session()
-    probabilities = fill_rows_without_image(test_table, np.mean(image_probabilities, axis=0), constants)
+    row_ids, probabilities = row_probabilities(test_table, np.mean(image_probabilities, axis=0), constants)
     output_dir = prepare_output_dir(options.output_dir)  # Only now: a refused model leaves no folder behind.
-    path = write_submission(test_table["row_id"], probabilities, output_dir / "submission.csv")
-    print(f"wrote {path}: {len(test_table)} rows from {len(options.model)} model(s)")
+    path = write_submission(row_ids, probabilities, output_dir / "submission.csv")
+    print(f"wrote {path}: {len(row_ids)} rows from {len(options.model)} model(s)")
     return 0
 
 
@@ -3582,26 +3657,37 @@ def localise_studies(model, studies):
     return found
 
 
-def localised_rows(found):
-    """The found points in train_label_coordinates.csv's format."""
-    rows = [point.row(study_id) for study_id, points in found.items() for point in points]
-    return pd.DataFrame(rows, columns=COORDINATE_COLUMNS)
+def localised_rows(found, mixed=False):
+    """The found points in train_label_coordinates.csv's format: one row each, on its slice; or, `mixed`, one row for
+    each slice its severity is mixed over, with the slice's weight in a CROP_WEIGHT column."""
+    if not mixed:
+        rows = [point.row(study_id) for study_id, points in found.items() for point in points]
+        return pd.DataFrame(rows, columns=COORDINATE_COLUMNS)
+    rows = [
+        point.row(study_id, index) | {CROP_WEIGHT: weight}
+        for study_id, points in found.items()
+        for point in points
+        for index, weight in point.slices or ((point.index, 1.0),)
+    ]
+    return pd.DataFrame(rows, columns=[*COORDINATE_COLUMNS, CROP_WEIGHT])
 
 
-def localise_split(model_path, competition_dir, split, out_path, workers=WORKERS):
-    """Find the points of every study in a competition split and write them as a coordinates CSV; returns the path.
+def localise_split(model_path, competition_dir, split, out_path, workers=WORKERS, mixed=False):
+    """Find the points of every study in a competition split and write them as a coordinates CSV (localised_rows);
+    returns the path.
 
     Counts the (study, condition, level) rows it could not place, which keep their best constant downstream."""
     model = load_localiser(model_path)
     study_ids = sorted(study_series(read_series_descriptions(competition_dir, split)))
     print(f"localising {len(study_ids)} {split} studies in {competition_dir} with {model_path}")
     studies = read_localiser_studies(competition_dir, split, study_ids, model.input_shape[1], workers=workers)
-    rows = localised_rows(localise_studies(model, studies))
+    found = localise_studies(model, studies)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_path)
-    unplaced = len(study_ids) * len(WIDE_LABEL_COLUMNS) - len(rows)
+    write_csv(localised_rows(found, mixed), out_path)
+    placed = sum(len(points) for points in found.values())
+    unplaced = len(study_ids) * len(WIDE_LABEL_COLUMNS) - placed
     print(
-        f"wrote {len(rows):,} points to {out_path}; {unplaced:,} condition-levels could not be placed "
+        f"wrote {placed:,} points to {out_path}; {unplaced:,} condition-levels could not be placed "
         f"(a study without that series, or no axial slice within {AXIAL_MATCH_MM:g} mm)."
     )
     keras.backend.clear_session()
@@ -3789,7 +3875,7 @@ def prepare_for_run(competition_dir, options, command):
         coordinates = None
         if localiser is not None:
             coordinates = localise_split(
-                localiser, competition_dir, "test", prepared / "test_coordinates.csv", options.workers
+                localiser, competition_dir, "test", prepared / "test_coordinates.csv", options.workers, mixed=True
             )
             shutil.rmtree(prepared / "images" / "test", ignore_errors=True)  # Crops of an earlier localiser's points.
         print_prepare_summary(
@@ -3815,6 +3901,7 @@ def prepare_competition(
     """
     competition_dir, out_dir = Path(competition_dir), Path(out_dir)
     rows, skipped = read_split_rows(competition_dir, split, coordinates)
+    rows["crop"] = crop_names(rows)
     images_dir = competition_dir / f"{split}_images"
     output_dir = out_dir / "images" / split
     tasks = crop_tasks(rows, images_dir, output_dir)
@@ -3828,10 +3915,12 @@ def prepare_competition(
     written = [row_id for result in results for row_id in result.written]
     kept = [row_id for result in results for row_id in result.kept]
     outside = [row_id for result in results for row_id in result.outside_image]
-    has_image = rows["row_id"].isin(set(written) | set(kept))
-    rows["image_path"] = ("images/" + split + "/" + rows["row_id"] + ".png").where(has_image, "")
+    has_image = rows["crop"].isin(set(written) | set(kept))
+    rows["image_path"] = ("images/" + split + "/" + rows["crop"] + ".png").where(has_image, "")
     if split == "train":
         table = rows.loc[has_image, ["row_id", "image_path", *CLASS_NAMES]]
+    elif CROP_WEIGHT in rows:  # Rows mixed over several slices: one line per crop, each weighted.
+        table = rows[["row_id", "image_path", CROP_WEIGHT]].fillna({CROP_WEIGHT: 1.0})
     else:
         table = rows[["row_id", "image_path"]]
     csv_path = out_dir / f"{split}.csv"
@@ -3839,12 +3928,12 @@ def prepare_competition(
     return {
         "split": split,
         "csv": str(csv_path),
-        "rows": len(table),
+        "rows": table["row_id"].nunique(),
         "images_written": len(written),
         "images_kept": len(kept),
         **skipped,
         "outside_image": len(outside),
-        "without_image": int((rows["series_id"].notna() & ~has_image & ~rows["row_id"].isin(outside)).sum()),
+        "without_image": int((rows["series_id"].notna() & ~has_image & ~rows["crop"].isin(outside)).sum()),
         "outside_image_row_ids": outside,
         "missing_instance_row_ids": [row_id for result in results for row_id in result.missing_instance],
         # Several crops can miss the same file; name it once.
@@ -4292,7 +4381,7 @@ def run_command(command, options):
         coordinates = options.coordinates
         if coordinates is None and options.localiser is not None and options.split == "test":
             coordinates = options.out_dir / "test_coordinates.csv"
-            localise_split(options.localiser, options.competition_dir, "test", coordinates, options.workers)
+            localise_split(options.localiser, options.competition_dir, "test", coordinates, options.workers, mixed=True)
         print_prepare_summary(
             prepare_competition(
                 options.competition_dir,

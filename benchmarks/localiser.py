@@ -45,14 +45,21 @@ def parse_arguments():
 
 
 def crop_and_classify(model, study, points, images_dir, work_dir):
-    """Cut the 25 crops at the found points (as prepare does) and grade them (as predict does)."""
-    rows = pd.DataFrame([point.row(study.study_id) for point in points])
-    rows["row_id"] = [f"{study.study_id}_{point.condition}_{point.level}" for point in points]
+    """Cut the crops at the found points (as prepare does: each point's slice, and a neighbour its severity mixes in)
+    and grade them (as predict does)."""
+    rows = pd.DataFrame(
+        [
+            point.row(study.study_id, index) | {"row_id": f"{study.study_id}_{point.condition}_{point.level}"}
+            for point in points
+            for index, _ in point.slices or ((point.index, 1.0),)
+        ]
+    )
+    rows["crop"] = script.crop_names(rows)
     tasks = script.crop_tasks(rows.astype({"series_id": str, "study_id": str}), images_dir, work_dir)
     for task in tasks:
         script.crop_series(task, script.PREPARE_CROP_MM, script.PREPARE_CROP_PIXELS)
     # An untrained localiser may place a point off its slice, which prepare skips: grade the crops that exist.
-    paths = [str(path) for path in (work_dir / f"{row_id}.png" for row_id in rows["row_id"]) if path.is_file()]
+    paths = [str(path) for path in (work_dir / f"{name}.png" for name in rows["crop"]) if path.is_file()]
     if not paths:
         return None
     batches = script.ImageBatches(paths, model.input_shape[1], 32, workers=2)
@@ -67,7 +74,7 @@ def naive_localise(localiser, study):
             outputs = script.predict_slices(localiser, volume, range(len(volume.images)))
             for channel in script.KIND_CHANNELS[kind]:
                 index = int(np.argmax(outputs[:, channel, 2]))
-                found.append(script.point_on(volume, index, outputs[index], channel, "naive", "l1_l2"))
+                found.append(script.point_on(volume, range(len(outputs)), outputs, index, channel, "naive", "l1_l2"))
     return found
 
 

@@ -86,18 +86,42 @@ def test_localise_prepare_predict_fills_every_row_at_points_near_the_truth(compe
     prepared = pd.read_csv(output_dir / "prepared" / "test.csv", dtype=str, keep_default_na=False)
     assert (prepared["image_path"] != "").mean() > 0.5  # Most rows were cropped at found points.
 
+    # Each found point on its slice and the neighbours its severity mixes in, weighted; the weights of a point sum
+    # to 1, and test.csv lists a crop for each, with its weight.
     points = pd.read_csv(output_dir / "prepared" / "test_coordinates.csv")
-    assert list(points.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    assert list(points.columns) == [*script.COORDINATE_COLUMNS, script.CROP_WEIGHT]
     assert set(points["study_id"]) == set(competition.test_study_ids)
-    assert not points.duplicated(["study_id", "condition", "level"]).any()
-    script.read_coordinates(output_dir / "prepared" / "test_coordinates.csv")  # Reads back as label coordinates.
-    errors = world_errors(competition, points)
+    point = points.groupby(["study_id", "condition", "level"])
+    np.testing.assert_allclose(point[script.CROP_WEIGHT].sum(), 1.0, atol=1e-3)
+    assert (point.size() <= 3).all() and (point["instance_number"].nunique() == point.size()).all()
+    read_back = script.read_coordinates(output_dir / "prepared" / "test_coordinates.csv")
+    assert len(read_back) == len(points)  # Every slice of a point is kept, as a weighted label coordinate.
+    assert (prepared[script.CROP_WEIGHT].astype(float) > 0).all() and len(prepared) == len(submission) + (
+        len(points) - point.ngroups
+    )
+    heaviest = points.sort_values(script.CROP_WEIGHT).drop_duplicates(["study_id", "condition", "level"], keep="last")
+    errors = world_errors(competition, heaviest)
     assert errors["mm"].median() <= MAXIMUM_MEDIAN_MM, errors.groupby("group")["mm"].median()
 
 
 def test_localise_command_writes_the_same_points(competition, trained, tmp_path):
-    """`localise` is the step predict takes: the same points, from the command line."""
+    """`localise` is the step predict takes: the same points, from the command line, in train_label_coordinates.csv's
+    own format (one row each, on its slice)."""
     out = tmp_path / "points.csv"
     argv = ["localise", "--model", str(trained / "localiser.keras"), "--competition-dir", str(competition.root)]
     assert script.main([*argv, "--split", "test", "--out", str(out)]) == 0
-    assert len(pd.read_csv(out)) > 0
+    points = pd.read_csv(out)
+    assert list(points.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    assert len(points) > 0 and not points.duplicated(["study_id", "condition", "level"]).any()
+
+
+def test_a_found_points_severity_mixes_its_slice_and_the_neighbours_as_present_as_it():
+    """Weights ∝ presence ** SLICE_MIX_POWER over the chosen slice and those beside it; a faint neighbour is left
+    out, a slice two away never counts, and the chosen slice stays even when a neighbour outweighs it."""
+    indices, presences = [3, 4, 5, 6, 7], [0.95, 0.1, 0.9, 0.9, 0.95]
+    mixed = dict(script.mixed_slices(indices, presences, chosen=5))
+    assert set(mixed) == {5, 6}  # 4 is too faint; 3 and 7 are two slices away.
+    assert mixed[5] == pytest.approx(0.5, abs=1e-3) and sum(mixed.values()) == pytest.approx(1.0, abs=1e-3)
+    mixed = dict(script.mixed_slices(indices, [0.5, 0.5, 0.2, 0.99, 0.5], chosen=5))
+    assert 5 in mixed and mixed[6] > 0.9 and sum(mixed.values()) == pytest.approx(1.0, abs=1e-3)
+    assert script.mixed_slices(indices, [0.0] * 5, chosen=5) == ((5, 1.0),)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import cv2
 import keras
@@ -113,3 +114,43 @@ def test_predict_reproduces_the_training_submission(tiny_dataset, tiny_run, tmp_
     predicted = pd.read_csv(tmp_path / "submission.csv", dtype={"row_id": str})
     assert predicted["row_id"].tolist() == trained["row_id"].tolist()
     np.testing.assert_allclose(predicted[list(script.CLASS_NAMES)], trained[list(script.CLASS_NAMES)], atol=1e-4)
+
+
+def test_predict_mixes_the_crops_a_row_lists_by_their_weights(tiny_dataset, tiny_run, tmp_path):
+    """A test.csv with crop_weight may list a row_id once per crop: its prediction is the weighted mean of theirs,
+    each as the model predicts it alone; a row whose crops all lack an image gets its best constant."""
+    test = pd.read_csv(tiny_dataset / "test.csv", dtype=str)
+    first, second, third = test["row_id"][:3]
+    paths = [str(tiny_dataset / path) for path in test["image_path"][:3]]
+    mixed_dir = tmp_path / "mixed"
+    mixed_dir.mkdir()
+    weighted = pd.DataFrame(
+        {
+            "row_id": [first, first, second, third, third],
+            "image_path": [paths[0], paths[1], paths[1], "", ""],
+            script.CROP_WEIGHT: [3.0, 1.0, 0.5, 1.0, 2.0],
+        }
+    )
+    weighted.to_csv(mixed_dir / "test.csv", index=False)
+    model = str(tiny_run / "model.keras")
+    assert (
+        script.main(["predict", "--model", model, "--data-dir", str(mixed_dir), "--output-dir", str(tmp_path / "a")])
+        == 0
+    )
+    mixed = pd.read_csv(tmp_path / "a" / "submission.csv", dtype={"row_id": str}).set_index("row_id")
+    assert mixed.index.tolist() == [first, second, third]
+    options = types.SimpleNamespace(batch_size=8, workers=1)
+    alone = script.predict_probabilities(script.load_saved_model(tiny_run / "model.keras"), paths[:2], options)[0]
+    np.testing.assert_allclose(mixed.loc[first], 0.75 * alone[0] + 0.25 * alone[1], atol=1e-3)
+    np.testing.assert_allclose(mixed.loc[second], alone[1], atol=1e-3)
+    saved = json.loads((tiny_run / "config.json").read_text())["best_constants"]
+    constant = script.constant_predictions(pd.Series([third]), {key: np.array(value) for key, value in saved.items()})
+    np.testing.assert_allclose(mixed.loc[third], constant[0], atol=1e-3)
+
+    weighted.loc[1, script.CROP_WEIGHT] = 0.0
+    weighted.to_csv(mixed_dir / "test.csv", index=False)
+    assert (
+        script.main(["predict", "--model", model, "--data-dir", str(mixed_dir), "--output-dir", str(tmp_path / "b")])
+        == 2
+    )
+    assert not (tmp_path / "b").exists()
