@@ -3800,7 +3800,7 @@ def train_localiser_for_run(competition_dir, prepared, output_dir, options):
         metrics = localisation_metrics(found, held_out)
         print_localisation(metrics, len(held_out))
         save_localisation_plot(found, held_out, output_dir)
-        found_points = write_csv(localised_rows(found), prepared / "validation_coordinates.csv")
+        found_points = write_csv(localised_rows(found, mixed=True), prepared / "validation_coordinates.csv")
     keras.backend.clear_session()
     return path, LocaliserReport(metrics, competition_dir, prepared, found_points if validation else None)
 
@@ -3816,32 +3816,30 @@ class LocaliserReport:
 
 
 def severity_at_found_points(report, model_path, table, validation_rows, options):
-    """The severity score of the validation rows twice: on crops at the labelled points (as trained) and on crops
-    at the points the localiser found. The difference is what localisation costs."""
+    """The severity score of the validation rows twice: on crops at the labelled points (as trained) and at the
+    points the localiser found, each mixing the slices beside it as a submission does (mixed_slices). The
+    difference is what localisation costs."""
     found_dir = report.prepared / "found"
     shutil.rmtree(found_dir, ignore_errors=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # prepare's own summary: not this report's business.
-        prepare_competition(
-            report.competition_dir, found_dir, "train", report.validation_points, workers=options.workers
-        )
-    found = load_train_table(found_dir)
-    labelled = table.iloc[validation_rows]
-    found = found[found["row_id"].isin(set(labelled["row_id"]))].reset_index(drop=True)
-    if found.empty:
+    labelled = table.iloc[validation_rows].set_index("row_id")
+    points = read_coordinates(report.validation_points)
+    points = points[points["row_id"].isin(set(labelled.index))].reset_index(drop=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # The crops' progress: not this report's business.
+        images_dir = report.competition_dir / "train_images"
+        cut_crops(points, images_dir, found_dir, "images", PREPARE_CROP_MM, PREPARE_CROP_PIXELS, options.workers)
+    points = points[points["image_path"] != ""]
+    if points.empty:
         return {}
     model = load_saved_model(model_path)
-    at_found = predict_probabilities(model, found["image_path"].tolist(), options)[0]
-    at_labelled = predict_probabilities(
-        model, labelled.set_index("row_id").loc[found["row_id"], "image_path"].tolist(), options
-    )[0]
+    at_crops = predict_probabilities(model, [str(found_dir / path) for path in points["image_path"]], options)[0]
+    row_ids, at_found = row_probabilities(points, at_crops, constants={})
+    at_labelled = predict_probabilities(model, labelled.loc[row_ids, "image_path"].tolist(), options)[0]
     keras.backend.clear_session()
-    truth = labels_frame(found["row_id"], found["label"])
+    truth = labels_frame(row_ids, labelled.loc[row_ids, "label"])
     return {
-        "rows": len(found),
-        "score_at_labelled_points": score_predictions(truth, probabilities_frame(found["row_id"], at_labelled))[
-            "score"
-        ],
-        "score_at_found_points": score_predictions(truth, probabilities_frame(found["row_id"], at_found))["score"],
+        "rows": len(row_ids),
+        "score_at_labelled_points": score_predictions(truth, probabilities_frame(row_ids, at_labelled))["score"],
+        "score_at_found_points": score_predictions(truth, probabilities_frame(row_ids, at_found))["score"],
     }
 
 
@@ -3901,22 +3899,12 @@ def prepare_competition(
     """
     competition_dir, out_dir = Path(competition_dir), Path(out_dir)
     rows, skipped = read_split_rows(competition_dir, split, coordinates)
-    rows["crop"] = crop_names(rows)
     images_dir = competition_dir / f"{split}_images"
-    output_dir = out_dir / "images" / split
-    tasks = crop_tasks(rows, images_dir, output_dir)
-    if tasks:
-        if not images_dir.is_dir():
-            raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
-        load_pydicom()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
-    results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
-    written = [row_id for result in results for row_id in result.written]
-    kept = [row_id for result in results for row_id in result.kept]
-    outside = [row_id for result in results for row_id in result.outside_image]
-    has_image = rows["crop"].isin(set(written) | set(kept))
-    rows["image_path"] = ("images/" + split + "/" + rows["crop"] + ".png").where(has_image, "")
+    results = cut_crops(rows, images_dir, out_dir, f"images/{split}", crop_mm, crop_pixels, workers)
+    written = [name for result in results for name in result.written]
+    kept = [name for result in results for name in result.kept]
+    outside = [name for result in results for name in result.outside_image]
+    has_image = rows["image_path"] != ""
     if split == "train":
         table = rows.loc[has_image, ["row_id", "image_path", *CLASS_NAMES]]
     elif CROP_WEIGHT in rows:  # Rows mixed over several slices: one line per crop, each weighted.
@@ -3943,6 +3931,25 @@ def prepare_competition(
             dict.fromkeys(str(Path(path).parent) for result in results for path in result.without_spacing)
         ),
     }
+
+
+def cut_crops(rows, images_dir, out_dir, crops_folder, crop_mm, crop_pixels, workers):
+    """Cut the crops of `rows` (those with a coordinate) from the DICOMs in images_dir into out_dir/crops_folder,
+    keeping those already cut from the same source; sets rows' "crop" name and "image_path" (relative to out_dir,
+    empty where there is no crop). Returns one SeriesResult per series."""
+    rows["crop"] = crop_names(rows)
+    output_dir = out_dir / crops_folder
+    tasks = crop_tasks(rows, images_dir, output_dir)
+    if tasks:
+        if not images_dir.is_dir():
+            raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
+        load_pydicom()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
+    results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
+    cut = {name for result in results for name in result.written + result.kept}
+    rows["image_path"] = (f"{crops_folder}/" + rows["crop"] + ".png").where(rows["crop"].isin(cut), "")
+    return results
 
 
 def undecodable_by_cause(undecodable_files):
