@@ -2623,7 +2623,7 @@ class LocalisedPoint:
     x: float  # pixels of the original slice
     y: float
     score: float  # the presence probability (sagittal) or 1 - distance / AXIAL_MATCH_MM (axial)
-    slices: tuple = ()  # ((slice index, weight), ...): the slices its severity is averaged over (mixed_slices)
+    slices: tuple  # ((slice index, weight), ...): the slices its severity is averaged over (mixed_slices)
 
     @property
     def world(self):
@@ -3667,7 +3667,7 @@ def localised_rows(found, mixed=False):
         point.row(study_id, index) | {CROP_WEIGHT: weight}
         for study_id, points in found.items()
         for point in points
-        for index, weight in point.slices or ((point.index, 1.0),)
+        for index, weight in point.slices
     ]
     return pd.DataFrame(rows, columns=[*COORDINATE_COLUMNS, CROP_WEIGHT])
 

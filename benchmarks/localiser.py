@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPOSITORY / "tests"))
 
 import anatomy_synthetic  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 import script  # noqa: E402
 
@@ -47,16 +46,10 @@ def parse_arguments():
 def crop_and_classify(model, study, points, images_dir, work_dir):
     """Cut the crops at the found points (as prepare does: each point's slice, and a neighbour its severity mixes in)
     and grade them (as predict does)."""
-    rows = pd.DataFrame(
-        [
-            point.row(study.study_id, index) | {"row_id": f"{study.study_id}_{point.condition}_{point.level}"}
-            for point in points
-            for index, _ in point.slices or ((point.index, 1.0),)
-        ]
-    )
+    points_path = script.write_csv(script.localised_rows({study.study_id: points}, mixed=True), work_dir / "points.csv")
+    rows = script.read_coordinates(points_path)
     rows["crop"] = script.crop_names(rows)
-    tasks = script.crop_tasks(rows.astype({"series_id": str, "study_id": str}), images_dir, work_dir)
-    for task in tasks:
+    for task in script.crop_tasks(rows, images_dir, work_dir):
         script.crop_series(task, script.PREPARE_CROP_MM, script.PREPARE_CROP_PIXELS)
     # An untrained localiser may place a point off its slice, which prepare skips: grade the crops that exist.
     paths = [str(path) for path in (work_dir / f"{name}.png" for name in rows["crop"]) if path.is_file()]
