@@ -190,22 +190,24 @@ STRATEGIES = {
     "tpu": "refused: OpenCV input cannot feed a TPU",
 }
 PRECISIONS = {
-    "auto": "mixed_float16 on GPUs, float32 on the CPU",
+    "auto": "mixed_float16 on GPUs with tensor cores (compute capability 7.0+), else float32",
     "float32": "float32 everywhere",
     "mixed": "mixed precision anywhere (mixed_bfloat16 without a GPU)",
 }
 
 
 @dataclass(frozen=True)
-class SeverityModel:
-    """The severity model's settings, from the block above and the command line (severity_model(options))."""
+class SeveritySettings:
+    """The severity model's settings, from the block above and the command line (severity_settings(options)). Each
+    field is named as its option's destination (--fine-tune-lr: fine_tune_lr), or as its config-block name in lower
+    case where it has no option (AUGMENTATION: augmentation)."""
 
     image_size: int
     batch_size: int
     epochs: int
     fine_tune_epochs: int
-    learning_rate: float
-    fine_tune_learning_rate: float
+    lr: float
+    fine_tune_lr: float
     fine_tune_layers: int
     weights: str
     class_weights: tuple
@@ -217,16 +219,16 @@ class SeverityModel:
         return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
 
 
-def severity_model(options):
+def severity_settings(options):
     """The severity model's settings for a run: its options, and the config block for what has no option."""
-    check_augmentation(AUGMENTATION)
-    return SeverityModel(
+    check_augmentation(AUGMENTATION, "AUGMENTATION")
+    return SeveritySettings(
         image_size=options.image_size,
         batch_size=options.batch_size,
         epochs=options.epochs,
         fine_tune_epochs=options.fine_tune_epochs,
-        learning_rate=options.lr,
-        fine_tune_learning_rate=options.fine_tune_lr,
+        lr=options.lr,
+        fine_tune_lr=options.fine_tune_lr,
         fine_tune_layers=options.fine_tune_layers,
         weights=options.weights,
         class_weights=tuple(options.class_weights),
@@ -236,31 +238,35 @@ def severity_model(options):
 
 
 @dataclass(frozen=True)
-class LocaliserModel:
-    """The level localiser's settings, from its block above and the command line (localiser_model(options))."""
+class LocaliserSettings:
+    """The level localiser's settings, named as the severity model's are (localiser_settings(options)); it shares
+    --weights with the severity model."""
 
-    image_size: int
-    epochs: int
-    slices_per_study: int
-    batch_size: int
-    learning_rate: float
+    localiser_image_size: int
+    localiser_epochs: int
+    localiser_slices_per_study: int
+    localiser_batch_size: int
+    localiser_learning_rate: float
+    localiser_augmentation: dict
+    localiser_peak_window: int
     weights: str
-    augmentation: dict
 
     def recorded(self):
         return asdict(self)
 
 
-def localiser_model(options):
-    """The localiser's settings for a run; it shares --weights with the severity model."""
-    return LocaliserModel(
-        image_size=options.localiser_image_size,
-        epochs=options.localiser_epochs,
-        slices_per_study=LOCALISER_SLICES_PER_STUDY,
-        batch_size=LOCALISER_BATCH_SIZE,
-        learning_rate=LOCALISER_LEARNING_RATE,
+def localiser_settings(options):
+    """The localiser's settings for a run: its options, and its config block for what has no option."""
+    check_augmentation(LOCALISER_AUGMENTATION, "LOCALISER_AUGMENTATION")
+    return LocaliserSettings(
+        localiser_image_size=options.localiser_image_size,
+        localiser_epochs=options.localiser_epochs,
+        localiser_slices_per_study=LOCALISER_SLICES_PER_STUDY,
+        localiser_batch_size=LOCALISER_BATCH_SIZE,
+        localiser_learning_rate=LOCALISER_LEARNING_RATE,
+        localiser_augmentation=dict(LOCALISER_AUGMENTATION),
+        localiser_peak_window=LOCALISER_PEAK_WINDOW,
         weights=options.weights,
-        augmentation=dict(LOCALISER_AUGMENTATION),
     )
 
 
@@ -291,6 +297,7 @@ TEST_COLUMNS = ("row_id", "image_path")
 # Optional in test.csv and in coordinates: a row_id listed once per crop (or slice) with this column is predicted as
 # the weighted mean of its crops' predictions.
 CROP_WEIGHT = "crop_weight"
+CROP_WEIGHT_DECIMALS = 4  # A crop weight is written with this many decimals, and is never less than one unit of them.
 SUBMISSION_COLUMNS = ("row_id", *CLASS_NAMES)
 WIDE_LABEL_COLUMNS = tuple(f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS)
 PROBABILITY_EPSILON = 1e-15  # The official metric clips probabilities to [epsilon, 1 - epsilon].
@@ -1359,17 +1366,17 @@ BORDER_MODES = {
 sampling_lock = threading.Lock()
 
 
-def check_augmentation(augmentation):
-    """Refuse augmentation settings that apply_transform would not honour, naming them."""
+def check_augmentation(augmentation, name):
+    """Refuse augmentation settings (the config block's `name`) that apply_transform would not honour, naming them."""
     unknown = sorted(set(augmentation) - set(AUGMENTATION_KEYS))
     if unknown:
         raise InputError(
-            f"AUGMENTATION: {', '.join(unknown)} not supported (supported: {', '.join(AUGMENTATION_KEYS)}). "
+            f"{name}: {', '.join(unknown)} not supported (supported: {', '.join(AUGMENTATION_KEYS)}). "
             "Remove them from the config block."
         )
     fill_mode = augmentation.get("fill_mode", "nearest")
     if fill_mode not in BORDER_MODES:
-        raise InputError(f"AUGMENTATION: fill_mode {fill_mode!r} is not one of {', '.join(BORDER_MODES)}.")
+        raise InputError(f"{name}: fill_mode {fill_mode!r} is not one of {', '.join(BORDER_MODES)}.")
 
 
 @functools.lru_cache(maxsize=4)
@@ -1794,7 +1801,7 @@ LOCALISER_FEATURES = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out"
 LOCALISER_WIDTH = 128  # channels of the head's feature pyramid
 
 
-def build_localiser(image_size, weights, from_scratch):
+def build_localiser(image_size, weights, from_scratch, peak_window=LOCALISER_PEAK_WINDOW):
     """The level localiser: ResNet50, a small feature pyramid down to stride 4, and two heads.
 
     Output (batch, LOCALISER_CHANNELS, 3): per channel the point's normalised (x, y) on the input slice, by a
@@ -1818,7 +1825,7 @@ def build_localiser(image_size, weights, from_scratch):
     pyramid = layers.Conv2D(LOCALISER_WIDTH, 3, padding="same", use_bias=False)(pyramid)
     pyramid = layers.Activation("relu")(layers.BatchNormalization()(pyramid))
     heatmaps = layers.Conv2D(len(LOCALISER_CHANNELS), 1, name="heatmaps")(pyramid)
-    points = SpatialSoftArgmax(LOCALISER_PEAK_WINDOW, name="points")(heatmaps)
+    points = SpatialSoftArgmax(peak_window, name="points")(heatmaps)
     # Presence: the whole slice's view (which levels are in it at all) plus the local view under each point.
     presence = layers.Dense(len(LOCALISER_CHANNELS), dtype="float32")(layers.GlobalAveragePooling2D()(stride32))
     presence_maps = layers.Conv2D(len(LOCALISER_CHANNELS), 1, name="presence_maps")(pyramid)
@@ -2015,31 +2022,51 @@ def is_chief(strategy):
 
 
 def choose_precision(precision):
-    """Set Keras' dtype policy for --precision (see PRECISIONS); returns its name. The softmax stays float32.
-
-    auto stays float32 on the CPU: bfloat16 trained about 1.4× faster on this project's BF16-capable CPU (README),
-    but its effect on the metric is unmeasured, and CPUs without BF16 instructions run it slower, so there it stays
-    an explicit choice (mixed).
-    """
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    if precision == "float32" or (precision == "auto" and not on_gpu):
-        policy = "float32"
-    else:
-        policy = "mixed_float16" if on_gpu else "mixed_bfloat16"
+    """Set Keras' dtype policy for --precision (see PRECISIONS); returns its name. The softmax stays float32."""
+    policy, _ = precision_policy(precision)
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
 
-# A run keeps its resumable state in OUTPUT_DIR/.resume/: options.json (what must match to resume) and per fold
-# fold{k}/: state.json (FoldState), the best weights, a backup of the model and its optimizer after the last
-# finished epoch (like Keras' BackupAndRestore, but crash-safe) and, once the fold is done, predictions.npz. A
-# finished run deletes it; --resume continues from it after a crash, SIGKILL or Ctrl-C.
-RUN_OPTIONS = ("data_dir", "val_fraction", "folds", "seed")  # Beside the model's settings, must match to resume.
+# float16 pays only on GPUs with tensor cores: compute capability 7.0 (Volta) or higher, such as Kaggle's T4. On a
+# P100 (6.0) it runs slower than float32.
+TENSOR_CORE_CAPABILITY = (7, 0)
+
+
+def precision_policy(precision):
+    """(Keras dtype policy, why) for --precision.
+
+    auto means mixed_float16 only when every GPU has tensor cores, float32 elsewhere. On the CPU it stays float32:
+    bfloat16 trained about 1.4× faster on this project's BF16-capable CPU (benchmarks/README.md), but its effect on
+    the metric is unmeasured, and CPUs without BF16 instructions run it slower, so there it is an explicit choice."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if precision == "float32":
+        return "float32", "as asked"
+    if precision == "mixed":
+        return ("mixed_float16", "as asked") if gpus else ("mixed_bfloat16", "as asked; no GPU, so bfloat16")
+    if not gpus:
+        return "float32", "auto: no GPU"
+    capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability") for gpu in gpus]
+    if all(capability and tuple(capability) >= TENSOR_CORE_CAPABILITY for capability in capabilities):
+        return "mixed_float16", f"auto: GPU compute capability {capabilities[0]} has tensor cores"
+    return "float32", (
+        f"auto: GPU compute capability {capabilities[0]} has no tensor cores (below 7.0, e.g. a P100), where float16 "
+        "runs slower; --precision mixed forces it"
+    )
+
+
+# A run keeps its resumable state in OUTPUT_DIR/.resume/: options.json (what must match to resume), localiser/ for
+# the level localiser and fold{k}/ for each severity fold. Each holds state.json (Progress), the best weights, a
+# backup of the model and its optimizer after the last finished epoch (like Keras' BackupAndRestore, but crash-safe)
+# and, once done, what the model left for the run (a fold's predictions.npz; the localiser's report). A finished run
+# deletes it; --resume continues from it after a crash, SIGKILL or Ctrl-C.
+RUN_OPTIONS = ("data_dir", "val_fraction", "folds", "seed")  # Beside the models' settings, must match to resume.
 
 
 @dataclass
-class FoldState:
-    """One fold's resumable progress, saved in FOLD_DIR/state.json after every epoch."""
+class Progress:
+    """One model's resumable progress (a severity fold's, or the localiser's), saved in its folder's state.json after
+    every epoch."""
 
     fold_dir: Path
     finished_phases: list = field(default_factory=list)
@@ -2048,7 +2075,8 @@ class FoldState:
     best_file: str | None = None  # The best epoch's weights (without validation: the latest epoch's).
     backup_file: str | None = None  # The model and optimizer after the last finished epoch of an unfinished phase.
     backup_epoch: int | None = None
-    done: bool = False  # Trained, and its predictions saved.
+    done: bool = False  # Trained, and what it leaves for the run saved.
+    report: dict = field(default_factory=dict)  # The localiser's validation metrics, once done.
 
     @classmethod
     def load(cls, fold_dir):
@@ -2122,7 +2150,7 @@ class StopOnInterrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-class TrainingState(keras.callbacks.Callback):
+class SaveProgress(keras.callbacks.Callback):
     """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
     validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
     from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
@@ -2175,17 +2203,20 @@ def restore_backup(model, state, phase, first_epoch):
 
 
 def resume_record(options, settings):
-    """What a run records in .resume/options.json, and what --resume must find the same: the model's settings
-    and the options that choose the data and its split, as JSON would read them back."""
-    record = {name: str(getattr(options, name)) for name in RUN_OPTIONS} | settings.recorded()
+    """What a run records in .resume/options.json, and what --resume must find the same: the settings of each model
+    it trains and the options that choose the data and its split, as JSON would read them back."""
+    record = {name: str(getattr(options, name)) for name in RUN_OPTIONS}
+    for model_settings in settings:
+        record |= model_settings.recorded()
     return json.loads(json.dumps(record))
 
 
-def open_run_state(resume_dir, options, settings, keep=()):
-    """Start a run's resumable state, or check that --resume continues a run with the same settings."""
+def open_run_state(resume_dir, options, settings):
+    """Start a run's resumable state, or check that --resume continues a run with the same settings (those of each
+    model in `settings`). Returns True when an interrupted run goes on."""
     current = resume_record(options, settings)
     recorded = resume_dir / "options.json"
-    if options.resume and recorded.is_file():  # Returns True: the interrupted run goes on.
+    if options.resume and recorded.is_file():
         previous = json.loads(recorded.read_text())
         changed = [
             f"{setting_name(name)} was {previous.get(name)}, now {current[name]}"
@@ -2203,18 +2234,27 @@ def open_run_state(resume_dir, options, settings, keep=()):
     elif resume_dir.exists():
         print(f"note: discarding an interrupted run's state in {resume_dir} (pass --resume to continue it).")
     shutil.rmtree(resume_dir, ignore_errors=True)
-    remove_earlier_outputs(resume_dir.parent, keep)  # A new run: nothing of an earlier one may mix with its outputs.
+    remove_earlier_outputs(resume_dir.parent)  # A new run: nothing of an earlier one may mix with its outputs.
     resume_dir.mkdir(parents=True)
     write_json(current, recorded)
     return False
 
 
-def resume_position(resume_dir, settings, fold_count):
-    """Where a resumed run goes on, as "fold F, phase P, epoch E" (epochs counted from 1), from the saved states."""
+def resume_position(resume_dir, settings, fold_count, localiser=False):
+    """Where a resumed run goes on, as "fold F, phase P, epoch E" (epochs counted from 1), or "the localiser, epoch E"
+    when the run trains one that is not finished, from the saved states."""
+    if localiser:
+        if not (resume_dir / "localiser" / "state.json").is_file():
+            return "the localiser, epoch 1"
+        state = Progress.load(resume_dir / "localiser")
+        if 1 in state.finished_phases and not state.done:
+            return "the localiser, after its training (saving and measuring it)"
+        if not state.done:
+            return f"the localiser, epoch {(state.backup_epoch or 0) + 1}"
     for fold in range(1, fold_count + 1):
         if not (resume_dir / f"fold{fold}" / "state.json").is_file():
             return f"fold {fold}, phase 1, epoch 1"
-        state = FoldState.load(resume_dir / f"fold{fold}")
+        state = Progress.load(resume_dir / f"fold{fold}")
         if state.done:
             continue
         for phase, first_epoch, _, _ in training_phases(settings):
@@ -2226,10 +2266,8 @@ def resume_position(resume_dir, settings, fold_count):
 
 def setting_name(name):
     """How a user sets a recorded setting: its option (--fine-tune-lr), or the config block (AUGMENTATION)."""
-    options = {"learning_rate": "lr", "fine_tune_learning_rate": "fine_tune_lr"}
-    if name in ("augmentation", "batch_normalization_images"):
-        return name.upper()
-    return "--" + options.get(name, name).replace("_", "-")
+    options = {action.dest for action in build_parser("train")._actions}
+    return "--" + name.replace("_", "-") if name in options else name.upper()
 
 
 def make_batches(table, rows, settings, options, strategy, augment=False):
@@ -2250,16 +2288,16 @@ def make_batches(table, rows, settings, options, strategy, augment=False):
 
 def training_phases(settings):
     """(phase, first epoch, end epoch, learning rate) for each phase that runs."""
-    phases = [(1, 0, settings.epochs, settings.learning_rate)]
+    phases = [(1, 0, settings.epochs, settings.lr)]
     if settings.fine_tune_epochs > 0:
         end = settings.epochs + settings.fine_tune_epochs
-        phases.append((2, settings.epochs, end, settings.fine_tune_learning_rate))
+        phases.append((2, settings.epochs, end, settings.fine_tune_lr))
     return phases
 
 
 def decoding_failure(batches, advice):
     """The error for an image that passed the up-front check but broke when a batch needed it, or None."""
-    failed_path = next((batch.failed_path for batch in batches if batch is not None and batch.failed_path), None)
+    failed_path = next((path for batch in batches if (path := getattr(batch, "failed_path", None))), None)
     if failed_path is None:
         return None
     return UnreadableImageError(
@@ -2270,12 +2308,13 @@ def decoding_failure(batches, advice):
 def run_phase(model, batches, phase, first_epoch, end_epoch, state):
     """fit() for one phase, resuming after its last finished epoch; names an image that breaks mid-run.
 
-    batches: (training, validation or None, BatchNormalization statistics)."""
+    batches: (training, validation or None, BatchNormalization statistics or None: then the caller recalibrates
+    once, at the end)."""
     train_batches, validation_batches, statistics_batches = batches
     resume_epoch = restore_backup(model, state, phase, first_epoch)
     train_batches.start_epoch(resume_epoch)
-    callbacks = [EpochHeader(), TrainingState(phase, end_epoch, state), StopOnInterrupt()]
-    if learning_batch_normalizations(model):
+    callbacks = [EpochHeader(), SaveProgress(phase, end_epoch, state), StopOnInterrupt()]
+    if statistics_batches is not None and learning_batch_normalizations(model):
         callbacks.insert(0, RecalibrateBatchNormalization(statistics_batches))  # First: before the epoch is saved.
     try:
         model.fit(
@@ -2284,7 +2323,7 @@ def run_phase(model, batches, phase, first_epoch, end_epoch, state):
             initial_epoch=resume_epoch,
             epochs=end_epoch,
             callbacks=callbacks,
-            shuffle=False,  # ImageBatches shuffles itself, from the seed.
+            shuffle=False,  # The batches shuffle themselves, from the seed.
             verbose=1 if sys.stdout.isatty() else 2,  # One line per epoch in logs; a progress bar on a terminal.
         )
     except Exception:
@@ -2400,42 +2439,139 @@ def predict_probabilities(model, image_paths, options, skip_bad_images=False):
 
 @dataclass
 class LocaliserStudy:
-    """One study as the localiser sees it: a volume per sagittal kind, every axial stack, and its label points."""
+    """One study as the localiser sees it: every stack of every series of each kind, and its label points."""
 
     study_id: str
-    volumes: dict  # kind → [Volume, ...]: canal and foramen hold their series' main stack, recess every axial one.
+    volumes: dict  # kind → [Volume, ...], the largest stack first.
     points: dict = field(default_factory=dict)  # (condition, level) → world point; only for labelled studies.
     labels: dict = field(default_factory=dict)  # (condition, level) → (volume, index) of the labelled slice.
+    unused_labels: list = field(default_factory=list)  # "row_id (series/instance: why)" of labels it cannot place.
 
 
-def read_localiser_study(images_dir, study_id, series_by_kind, image_size, coordinates=None):
-    """Read a study's series for the localiser; with coordinates (its label rows), place its points in the world.
+def read_localiser_study(images_dir, study_id, series_by_kind, image_size, coordinates=None, cache_dir=None):
+    """Read a study's series for the localiser (through the slice cache in cache_dir, when one is given); with
+    coordinates (its label rows), place its points in the world."""
+    study = LocaliserStudy(study_id, study_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir))
+    if coordinates is not None:
+        place_labels(study, coordinates, {series_id for ids in series_by_kind.values() for series_id in ids})
+    return study
 
-    The first series of each sagittal kind is read (its largest stack); every stack of every axial series is.
-    """
+
+def place_labels(study, coordinates, listed_series):
+    """Put each label row's point in the world from its slice, on whichever stack of whichever series holds it; the
+    rows that no slice holds are kept in study.unused_labels, with the reason."""
+    slices = {
+        (volume.stack.series_id, header.instance_number): (volume, index)
+        for kind_volumes in study.volumes.values()
+        for volume in kind_volumes
+        for index, header in enumerate(volume.stack.slices)
+    }
+    for row in coordinates.itertuples(index=False):
+        found = slices.get((row.series_id, int(row.instance_number)))
+        if found is None:
+            why = (
+                "a series the series descriptions do not list as Sagittal T1, Sagittal T2/STIR or Axial T2"
+                if row.series_id not in listed_series
+                else "an instance that is missing or has no position tags"
+            )
+            study.unused_labels.append(f"{row.row_id} ({row.series_id}/{int(row.instance_number)}: {why})")
+            continue
+        key = condition_and_level(row.row_id)
+        study.points[key] = found[0].stack.pixel_to_world(found[1], row.x, row.y)
+        study.labels[key] = found
+
+
+# Each study's slices are read once and kept in a cache: the volumes of every stack as one uint8 array in
+# CACHE/{study_id}.npy, memory-mapped when read, and their geometry in CACHE/{study_id}.json, which also records what
+# they were made from (each file's size and time, the image size, the window). A cache that no longer matches its
+# sources is made again, never mixed with them.
+SLICE_CACHE_VERSION = 1
+
+
+def slice_cache(output_dir, split):
+    """The slice cache of a split's studies, in a run's output folder."""
+    return output_dir / "cache" / f"{split}_slices"
+
+
+def study_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir=None):
+    """{kind: [Volume, ...]}: every stack of every series of each kind, windowed and resized to the localiser's input,
+    the largest stack of each kind first; from cache_dir when it was made from the same files and settings."""
+    source = volume_sources(images_dir / study_id, series_by_kind, image_size)
+    if cache_dir is not None:
+        cached = read_cached_volumes(cache_dir, study_id, images_dir, source)
+        if cached is not None:
+            return cached
     volumes = {}
     for kind, series_ids in series_by_kind.items():
-        for series_id in series_ids if kind == "recess" else series_ids[:1]:
-            stacks = read_stacks(images_dir / study_id / series_id)
-            for stack in stacks if kind == "recess" else stacks[:1]:
+        for series_id in series_ids:
+            for stack in read_stacks(images_dir / study_id / series_id):
                 volume = read_volume(stack, image_size)
                 if volume is not None:
                     volumes.setdefault(kind, []).append(volume)
-    study = LocaliserStudy(study_id, volumes)
-    if coordinates is not None:
-        slices = {
-            (volume.stack.series_id, header.instance_number): (volume, index)
-            for kind_volumes in volumes.values()
-            for volume in kind_volumes
-            for index, header in enumerate(volume.stack.slices)
-        }
-        for row in coordinates.itertuples(index=False):
-            found = slices.get((row.series_id, int(row.instance_number)))
-            if found:
-                key = condition_and_level(row.row_id)
-                study.points[key] = found[0].stack.pixel_to_world(found[1], row.x, row.y)
-                study.labels[key] = found
-    return study
+    for kind_volumes in volumes.values():
+        kind_volumes.sort(key=lambda volume: -len(volume.images))
+    if cache_dir is None:
+        return volumes
+    write_cached_volumes(cache_dir, study_id, volumes, source)
+    return read_cached_volumes(cache_dir, study_id, images_dir, source)  # Memory-mapped: RAM stays flat in studies.
+
+
+def volume_sources(study_dir, series_by_kind, image_size):
+    """What a study's cached volumes are made from, as JSON reads it back: the files (size and modification time),
+    the series of each kind, the image size and the window."""
+    files = {}
+    for series_id in sorted({series_id for ids in series_by_kind.values() for series_id in ids}):
+        for path in sorted((study_dir / series_id).glob("*.dcm")):
+            status = path.stat()
+            files[f"{series_id}/{path.name}"] = [status.st_size, status.st_mtime_ns]
+    return {
+        "version": SLICE_CACHE_VERSION,
+        "image_size": image_size,
+        "window_percentiles": list(WINDOW_PERCENTILES),
+        "series": {kind: list(ids) for kind, ids in sorted(series_by_kind.items())},
+        "files": files,
+    }
+
+
+def write_cached_volumes(cache_dir, study_id, volumes, source):
+    """Write a study's volumes to the cache: the slices first, then the JSON that says they are current."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries, images = [], []
+    for kind, kind_volumes in volumes.items():
+        for volume in kind_volumes:
+            slices = [
+                [Path(header.path).name, header.instance_number, header.position, header.orientation]
+                + [header.pixel_spacing, header.shape]
+                for header in volume.stack.slices
+            ]
+            entries.append({"kind": kind, "series_id": volume.stack.series_id, "slices": slices})
+            images.append(volume.images)
+    (cache_dir / f"{study_id}.json").unlink(missing_ok=True)  # Stale from here until the new one is written.
+    stacked = np.concatenate(images) if images else np.zeros((0, 1, 1), np.uint8)
+    write_atomically(cache_dir / f"{study_id}.npy", lambda path: np.save(path, stacked))
+    write_json({"source": source, "volumes": entries}, cache_dir / f"{study_id}.json")
+
+
+def read_cached_volumes(cache_dir, study_id, images_dir, source):
+    """A study's volumes from the cache, memory-mapped; None if it is missing, damaged or made from other sources."""
+    try:
+        cached = json.loads((cache_dir / f"{study_id}.json").read_text())
+        if cached["source"] != source:
+            return None
+        images = np.load(cache_dir / f"{study_id}.npy", mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    volumes, start = {}, 0
+    for entry in cached["volumes"]:
+        series_dir = images_dir / study_id / entry["series_id"]
+        headers = tuple(
+            SliceHeader(series_dir / name, number, tuple(position), tuple(orientation), tuple(spacing), tuple(shape))
+            for name, number, position, orientation, spacing, shape in entry["slices"]
+        )
+        volume = Volume(Stack(entry["series_id"], headers), images[start : start + len(headers)])
+        volumes.setdefault(entry["kind"], []).append(volume)
+        start += len(headers)
+    return volumes if start == len(images) else None
 
 
 def condition_and_level(row_id):
@@ -2551,47 +2687,77 @@ class LocaliserBatches(keras.utils.PyDataset):
         self.start_epoch(self.epoch + 1)
 
 
-def train_localiser(studies, settings, options):
-    """Train the localiser on labelled studies from its settings, on its points and heatmaps; returns the model,
-    BatchNormalization recalibrated on unaugmented training slices."""
-    from_scratch = is_from_scratch(settings)
+def fit_localiser(studies, settings, options, progress):
+    """Train the localiser on labelled studies, on its points and heatmaps, resuming from `progress` after its last
+    finished epoch (its state is saved after every epoch); returns the model, BatchNormalization recalibrated on
+    unaugmented training slices."""
     weights, _ = resolve_weights(settings.weights)
     batches = LocaliserBatches(
         studies,
-        settings.batch_size,
+        settings.localiser_batch_size,
         options.seed,
         True,
-        settings.augmentation,
+        settings.localiser_augmentation,
         options.workers,
-        settings.slices_per_study,
+        settings.localiser_slices_per_study,
     )
-    statistics = LocaliserBatches(studies, settings.batch_size, options.seed + 1, False, None, options.workers)
-    model = build_localiser(settings.image_size, weights, from_scratch)
-    steps = len(batches) * settings.epochs
-    warmup = max(1, min(len(batches), steps // 4))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        settings.learning_rate / warmup,
-        steps - warmup,
-        alpha=0.1,
-        warmup_target=settings.learning_rate,
-        warmup_steps=warmup,
+    model = build_localiser(
+        settings.localiser_image_size, weights, is_from_scratch(settings), settings.localiser_peak_window
     )
     trainer = localiser_trainer(model)
+    steps = len(batches) * settings.localiser_epochs
+    warmup = max(1, min(len(batches), steps // 4))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        settings.localiser_learning_rate / warmup,
+        steps - warmup,
+        alpha=0.1,
+        warmup_target=settings.localiser_learning_rate,
+        warmup_steps=warmup,
+    )
     trainer.compile(optimizer=keras.optimizers.Adam(schedule), loss=[localiser_loss, heatmap_loss])
-    print(
-        f"localiser: {len(studies)} studies, {len(batches.items)} slices an epoch, {settings.epochs} epochs at "
-        f"{settings.image_size} px, learning rate {settings.learning_rate:g} (warm-up, then cosine decay)"
-    )
-    trainer.fit(
-        batches,
-        epochs=settings.epochs,
-        shuffle=False,
-        verbose=1 if sys.stdout.isatty() else 2,
-        callbacks=[StopOnInterrupt()],
-    )
+    if 1 not in progress.finished_phases:
+        print(
+            f"localiser: {len(studies)} studies, {len(batches.items)} slices an epoch, {settings.localiser_epochs} "
+            f"epochs at {settings.localiser_image_size} px, learning rate {settings.localiser_learning_rate:g} "
+            "(warm-up, then cosine decay)"
+        )
+        run_phase(trainer, (batches, None, None), 1, 0, settings.localiser_epochs, progress)
+    restore_best_weights(trainer, progress)  # Without validation: the last epoch's.
     if learning_batch_normalizations(model):
+        statistics = LocaliserBatches(studies, settings.localiser_batch_size, options.seed + 1, workers=options.workers)
         recalibrate_batch_normalization(model, statistics)
     return model
+
+
+@dataclass
+class Localiser:
+    """A trained level localiser: its model, and the offsets it learned from the labels' geometry (learn_offsets),
+    saved as localiser.keras and localiser.json beside it."""
+
+    model: keras.Model
+    level_offsets_mm: dict
+
+    def save(self, path):
+        write_atomically(path, self.model.save)
+        write_json({"level_offsets_mm": self.level_offsets_mm}, Path(path).with_suffix(".json"))
+
+    @classmethod
+    def load(cls, path):
+        """A saved localiser, in safe mode; refused clearly if it is not one, or if its offsets are not beside it."""
+        path = Path(path)
+        refuse_unreadable_file(path, "localiser (localiser.keras)", option="--localiser ")
+        model = load_saved_model(path, severity=False)
+        if model.name != "level_localiser":
+            raise InputError(f"--localiser {path}: is a {model.name} model, not the level localiser (localiser.keras).")
+        geometry = path.with_suffix(".json")
+        try:
+            offsets = json.loads(geometry.read_text())["level_offsets_mm"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(
+                f"--localiser {path}: its offsets, {geometry}, cannot be read ({type(error).__name__}: {error}). Keep "
+                "localiser.json, which the training run wrote, beside localiser.keras."
+            ) from None
+        return cls(model, offsets)
 
 
 LOCALISER_PREDICT_BATCH = 16  # Slices per call: one fixed shape, so the graph is traced once, not per stack size.
@@ -2649,17 +2815,22 @@ def mixed_slices(indices, presences, chosen):
 
     The labels' slice is the one nearest the point, and two slices can be nearly as near: then the localiser's
     presence is split between them, and so is the prediction. (Seed 11's 20 test studies: the subarticular score at
-    the found points 0.463 → 0.400, against 0.377 at the true ones; the others within ±0.004.)"""
+    the found points 0.463 → 0.400, against 0.377 at the true ones; the others within ±0.004.) The point lies on the
+    chosen slice, which stays in the mix even where a neighbour takes all the presence: it keeps at least the least
+    weight that CROP_WEIGHT_DECIMALS can write, so every weight written is a number > 0, as the reader requires."""
     near = [(index, presence) for index, presence in zip(indices, presences) if abs(index - chosen) <= 1]
-    weights = np.array([presence for _, presence in near], np.float64) ** SLICE_MIX_POWER
+    weights = np.nan_to_num(np.array([presence for _, presence in near], np.float64)) ** SLICE_MIX_POWER
     if not weights.sum() > 0:
         return ((int(chosen), 1.0),)
     weights /= weights.sum()
-    kept = [
-        (index, weight) for (index, _), weight in zip(near, weights) if weight >= SLICE_MIX_MINIMUM or index == chosen
-    ]
-    total = sum(weight for _, weight in kept)
-    return tuple((int(index), round(float(weight / total), 4)) for index, weight in kept)
+    kept = {index: weight for (index, _), weight in zip(near, weights) if weight >= SLICE_MIX_MINIMUM}
+    least = 10.0**-CROP_WEIGHT_DECIMALS
+    kept[chosen] = max(kept.get(chosen, 0.0), least)
+    total = sum(kept.values())
+    return tuple(
+        (int(index), max(round(float(weight / total), CROP_WEIGHT_DECIMALS), least))
+        for index, weight in sorted(kept.items())
+    )
 
 
 def point_on(volume, indices, outputs, row, channel, condition, level):
@@ -2746,27 +2917,27 @@ def most_present(outputs, channel, candidates):
     return int(candidates[np.argmax(outputs[candidates, channel, 2])])
 
 
-def localise_sagittal(model, study):
+def localise_sagittal(localiser, study):
     """The canal points (Sagittal T2/STIR) and the foramina (Sagittal T1): every slice is run, and each point goes on
     the slice where it is most present. A foramen is looked for near where the learned offsets put it from the canal
     points, else on its side of the midline."""
     found = []
     if "canal" in study.volumes:
         volume = study.volumes["canal"][0]
-        outputs = predict_slices(model, volume, range(len(volume.images)))
+        outputs = predict_slices(localiser.model, volume, range(len(volume.images)))
         for channel, level in zip(KIND_CHANNELS["canal"], LEVELS):
             index = most_present(outputs, channel, range(len(outputs)))
             found.append(point_on(volume, range(len(outputs)), outputs, index, channel, "spinal_canal_stenosis", level))
     if "foramen" in study.volumes:
         volume = study.volumes["foramen"][0]
-        outputs = predict_slices(model, volume, range(len(volume.images)))
+        outputs = predict_slices(localiser.model, volume, range(len(volume.images)))
         stack = volume.stack
         rows, columns = stack.shape
         slice_x = np.array(
             [stack.pixel_to_world(index, columns / 2, rows / 2)[0] for index in range(len(stack.slices))]
         )
         canal = {(point.condition, point.level): point.world for point in found}
-        expected = expected_points(canal, getattr(model, "level_offsets_mm", None), kinds=("canal",))
+        expected = expected_points(canal, localiser.level_offsets_mm, kinds=("canal",))
         # The midline: the canal's, seen on T2, else the middle of the T1 stack. +x is the patient's left.
         midline = float(np.median([point[0] for point in canal.values()])) if canal else float(np.median(slice_x))
         window = 1.5 * (abs(stack.slice_spacing) or 3.0)
@@ -2824,13 +2995,12 @@ def match_axial_slices(volumes, points):
     return best
 
 
-def localise_axial(model, study, sagittal):
+def localise_axial(localiser, study, sagittal):
     """The left and right recess points of each level. Geometry picks the slice nearest to where the learned offsets
     put the level's recesses from its sagittal points; each recess then goes on whichever of that slice and its two
     neighbours it is most present on. (Geometry alone put 65 % of the recesses on their labelled slice, found canal
     points being 1-3 mm off along the spine; the presence head brings that to 76 %: seed 5, 20 test studies.)"""
-    offsets = getattr(model, "level_offsets_mm", None)
-    matches = match_axial_slices(study.volumes.get("recess", []), level_points(sagittal, offsets))
+    matches = match_axial_slices(study.volumes.get("recess", []), level_points(sagittal, localiser.level_offsets_mm))
     near = {
         level: [each for each in (index - 1, index, index + 1) if 0 <= each < len(volume.images)]
         for level, (volume, index, _) in matches.items()
@@ -2839,7 +3009,10 @@ def localise_axial(model, study, sagittal):
     for volume in {id(volume): volume for volume, _, _ in matches.values()}.values():
         indices = sorted({each for level, match in matches.items() if match[0] is volume for each in near[level]})
         outputs.update(
-            {(id(volume), each): output for each, output in zip(indices, predict_slices(model, volume, indices))}
+            {
+                (id(volume), each): output
+                for each, output in zip(indices, predict_slices(localiser.model, volume, indices))
+            }
         )
     found = []
     left, right = KIND_CHANNELS["recess"]
@@ -2852,10 +3025,10 @@ def localise_axial(model, study, sagittal):
     return found
 
 
-def localise_study(model, study):
+def localise_study(localiser, study):
     """Every point of a study the localiser can place: up to 25, fewer where a series is missing."""
-    sagittal = localise_sagittal(model, study)
-    return sagittal + localise_axial(model, study, sagittal)
+    sagittal = localise_sagittal(localiser, study)
+    return sagittal + localise_axial(localiser, study, sagittal)
 
 
 # == 9. metric and report ==============================================================================================
@@ -3078,7 +3251,7 @@ def print_report(metrics):
 
 
 def kept_epochs(history):
-    """{fold: the epoch whose weights the fold kept}: the first with the lowest validation loss, as TrainingState
+    """{fold: the epoch whose weights the fold kept}: the first with the lowest validation loss, as SaveProgress
     keeps it. Folds without a validation loss are left out."""
     if "val_loss" not in history:
         return {}
@@ -3338,16 +3511,14 @@ def listed_outputs(output_dir):
     return [name for name in outputs if isinstance(name, str) and name and Path(name).name == name]
 
 
-def remove_earlier_outputs(output_dir, keep=()):
-    """Remove the outputs an earlier training run left in output_dir, naming them; returns the names removed.
-
-    keep: names this run has written already (its localiser, trained before the severity model)."""
+def remove_earlier_outputs(output_dir):
+    """Remove the outputs an earlier training run left in output_dir, naming them; returns the names removed."""
     names = {
         *RUN_OUTPUT_FILES,
         *LOCALISER_OUTPUT_FILES,
         *listed_outputs(output_dir),
         *(path.name for path in output_dir.glob("model_fold*.keras")),
-    } - set(keep)
+    }
     removed = sorted(name for name in names if (output_dir / name).is_file())
     for name in removed:
         (output_dir / name).unlink()
@@ -3396,7 +3567,7 @@ class TrainingRun:
 
     table: pd.DataFrame
     test_table: pd.DataFrame
-    settings: SeverityModel
+    settings: SeveritySettings
     options: argparse.Namespace
     weights: str | None  # What ResNet50 loads (resolve_weights).
     strategy: tf.distribute.Strategy
@@ -3423,7 +3594,7 @@ class FoldResult:
 
 def run_fold(run, fold, train_rows, validation_rows):
     """Train one fold, or reuse what an interrupted run finished, and predict its validation rows and the test set."""
-    state = FoldState.load(run.resume_dir / f"fold{fold}")
+    state = Progress.load(run.resume_dir / f"fold{fold}")
     model_path = run.output_dir / ("model.keras" if run.fold_count == 1 else f"model_fold{fold}.keras")
     print(f"\nfold {fold}/{run.fold_count}: {len(train_rows)} training rows, {len(validation_rows)} validation rows")
     if state.done:
@@ -3497,47 +3668,59 @@ def write_training_outputs(run, results, constants, weights_source):
     else:
         print("no test set (--no-test): no submission.csv written.")
     # config.json comes last and lists the run's outputs, so that predict and a later run know which files are one set.
-    outputs = [result.model_path.name for result in results]
-    outputs += [Path(path).name for name, path in artifacts.items() if name != "models"] + ["config.json"]
-    config = run_config(run.options, run.settings, weights_source, constants) | {"outputs": outputs}
+    models = [result.model_path.name for result in results]
+    outputs = models + [Path(path).name for name, path in artifacts.items() if name != "models"] + ["config.json"]
+    config = run_config(run.options, run.settings, weights_source, constants) | {"models": models, "outputs": outputs}
     if run.localisation is not None and (output_dir / "localiser.keras").is_file():
-        config["localiser_model"] = localiser_model(run.options).recorded()
+        config["localiser_model"] = localiser_settings(run.options).recorded()
         config["outputs"] += [name for name in LOCALISER_OUTPUT_FILES if (output_dir / name).is_file()]
     artifacts["config"] = write_json(config, output_dir / "config.json")
     return artifacts
 
 
-def train(options, localisation=None):
-    """The whole job: validate, train and validate each fold, report, predict the test set, write the outputs.
+def train(options):
+    """The whole job, from the data (the seed layout, or the competition's folder) to the submission and the report.
 
-    localisation: the level localiser's LocaliserReport, when it was trained for this run (prepare_for_run)."""
+    With the competition's folder it first prepares the training crops, trains the level localiser (or reuses the one
+    an interrupted run finished) and crops the test studies where it finds their points. Then, either way: train and
+    validate each fold, report, predict the test set and write the outputs."""
     started = time.time()
-    settings = severity_model(options)
+    settings = severity_settings(options)
+    competition = options.data_dir if is_competition_layout(options.data_dir) else None
+    localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
+    if competition:
+        refuse_missing_test_listing(competition, "train", options.no_test)
+        options.data_dir = prepare_split(competition, options.output_dir / "prepared", "train", None, options.workers)
     table = load_train_table(options.data_dir, options.skip_bad_images)
-    test_table = load_test_table(options.data_dir) if not options.no_test else pd.DataFrame(columns=TEST_COLUMNS)
-    in_both = test_table["row_id"][test_table["row_id"].isin(table["row_id"])].drop_duplicates()
-    if len(in_both):
-        print(
-            f"warning: {len(in_both)} test.csv row_id(s) also appear in train.csv ({list_some(in_both, limit=5)}): "
-            "the test set repeats training rows, so predicting them tells nothing about new data."
-        )
+    test_table = None if competition else load_test_table_unless(options.no_test, options.data_dir)
     weights, weights_source = resolve_weights(settings.weights)
     folds = split_folds(table, options.folds, options.val_fraction, options.seed)
     strategy = choose_strategy(options.strategy)  # First: a multi-worker strategy must precede other TF work.
     policy = choose_precision(options.precision)
     output_dir = prepare_output_dir(options.output_dir if is_chief(strategy) else tempfile.mkdtemp())
     refuse_low_disk(output_dir, settings, len(folds))
+    resume_dir = output_dir / ".resume"
+    if open_run_state(resume_dir, options, [settings] + ([localiser_run] if localiser_run else [])):
+        print(f"resuming at {resume_position(resume_dir, settings, len(folds), localiser=bool(localiser_run))}")
+    localisation = None
+    if competition:
+        localiser, localisation = localiser_for_run(competition, table, folds[0][1], localiser_run, options, output_dir)
+        if not options.no_test:
+            prepare_test_split(
+                competition, options.data_dir, localiser, options.workers, slice_cache(output_dir, "test")
+            )
+        keras.backend.clear_session()  # The localiser is done with: free it before the severity model is built.
+        test_table = load_test_table_unless(options.no_test, options.data_dir)
+    warn_of_test_rows_in_training(table, test_table)
     run = TrainingRun(
         table, test_table, settings, options, weights, strategy, policy, output_dir, len(folds), localisation
     )
-    trained_here = LOCALISER_OUTPUT_FILES if localisation is not None else ()
-    if open_run_state(run.resume_dir, options, settings, keep=trained_here):
-        print(f"resuming at {resume_position(run.resume_dir, settings, len(folds))}")
     keras.utils.set_random_seed(options.seed)
     print_start_summary(options.data_dir, table, test_table, weights_source)
     print(
         f"strategy: {strategy_name(strategy)}, {strategy.num_replicas_in_sync} replica(s), global batch "
-        f"{settings.batch_size * strategy.num_replicas_in_sync}; precision: {policy}"
+        f"{settings.batch_size * strategy.num_replicas_in_sync}; precision: {policy} "
+        f"({precision_policy(options.precision)[1]})"
         + ("" if is_chief(strategy) else f"; not the chief, so writing to scratch folder {output_dir}")
     )
     # The prior the model must beat, from all training labels: if anything, this flatters the prior.
@@ -3551,8 +3734,24 @@ def train(options, localisation=None):
     return 0
 
 
+def load_test_table_unless(no_test, data_dir):
+    """test.csv, checked as load_test_table checks it; with --no-test, an empty table."""
+    return pd.DataFrame(columns=TEST_COLUMNS) if no_test else load_test_table(data_dir)
+
+
+def warn_of_test_rows_in_training(table, test_table):
+    """One line when test.csv repeats training rows: predicting them tells nothing about new data."""
+    in_both = test_table["row_id"][test_table["row_id"].isin(table["row_id"])].drop_duplicates()
+    if len(in_both):
+        print(
+            f"warning: {len(in_both)} test.csv row_id(s) also appear in train.csv ({list_some(in_both, limit=5)}): "
+            "the test set repeats training rows, so predicting them tells nothing about new data."
+        )
+
+
 def model_files(paths):
-    """The --model files: each path as given, or for a training run's output folder the models its config.json lists.
+    """The severity models that --model names: each path as given, or for a training run's output folder the models
+    its config.json lists (never its localiser).
 
     Each must be a .keras file (a zip archive holding a Keras model's config.json and metadata.json); checked
     cheaply, before anything is written.
@@ -3560,7 +3759,7 @@ def model_files(paths):
     models = []
     for path in paths:
         if path.is_dir():
-            listed = [path / name for name in listed_outputs(path) if name.endswith(".keras")]
+            listed = [path / name for name in run_models(path)]
             if not listed:
                 raise InputError(
                     f"--model {path}: is a folder, not a model file, and holds no config.json of a training run "
@@ -3584,25 +3783,37 @@ def model_files(paths):
     return models
 
 
+def run_models(output_dir):
+    """The severity models of the training run in output_dir, by name, as its config.json lists them."""
+    try:
+        listed = json.loads((output_dir / "config.json").read_text()).get("models")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):  # A run from before config.json named its models: its .keras outputs.
+        listed = [name for name in listed_outputs(output_dir) if name.endswith(".keras")]
+    return [name for name in listed if isinstance(name, str) and name not in LOCALISER_OUTPUT_FILES]
+
+
 def predict(options):
-    """Write submission.csv from saved model(s), without training. The image size comes from each model."""
-    data_dir = options.data_dir
+    """Write submission.csv from a saved training run, without training. The image size comes from each model.
+
+    --model names the run's output folder, or model file(s) in it: the folder is one unit, whose config.json holds
+    the best constants and whose localiser.keras finds the points of the competition's test studies."""
     options.model = model_files(options.model)
-    test_table = load_test_table(data_dir)
+    run_dir = options.model[0].parent
+    if is_competition_layout(options.data_dir):
+        competition = options.data_dir
+        refuse_missing_test_listing(competition, "predict")
+        localiser = find_localiser(options.localiser, options.model)
+        options.data_dir = options.output_dir / "prepared"
+        cache_dir = slice_cache(options.output_dir, "test")
+        prepare_test_split(competition, options.data_dir, localiser, options.workers, cache_dir)
+        keras.backend.clear_session()
+    test_table = load_test_table(options.data_dir)
     constants = {}
     with_image = set(test_table["row_id"][test_table["image_path"].notna()])
     if not set(test_table["row_id"]) <= with_image:  # Rows without any image need the training run's priors.
-        config_path = options.model[0].parent / "config.json"
-        if not config_path.is_file():
-            raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
-        try:
-            saved_constants = json.loads(config_path.read_text())["best_constants"]
-            constants = {key: np.array(value, dtype=float) for key, value in saved_constants.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise InputError(
-                f"{config_path}: not a training run's config.json with best_constants ({type(error).__name__}: "
-                f"{error}). Restore the file the training run wrote."
-            ) from None
+        constants = saved_constants(run_dir / "config.json")
     test_images = test_table["image_path"].dropna().tolist()
     image_probabilities = []
     for path in options.model:  # One model in memory at a time.
@@ -3613,6 +3824,45 @@ def predict(options):
     path = write_submission(row_ids, probabilities, output_dir / "submission.csv")
     print(f"wrote {path}: {len(row_ids)} rows from {len(options.model)} model(s)")
     return 0
+
+
+def saved_constants(config_path):
+    """The best constants a training run saved in its config.json, refused clearly when they cannot be read."""
+    if not config_path.is_file():
+        raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
+    try:
+        saved = json.loads(config_path.read_text())["best_constants"]
+        return {key: np.array(value, dtype=float) for key, value in saved.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(
+            f"{config_path}: not a training run's config.json with best_constants ({type(error).__name__}: "
+            f"{error}). Restore the file the training run wrote."
+        ) from None
+
+
+def find_localiser(option, models):
+    """The level localiser that places a competition's test points: --localiser PATH, else localiser.keras in the
+    training run's folder, beside its model. --localiser none gives every row its best constant, on purpose; without
+    it, finding none is refused, as such a submission would score like the prior with nothing to say so."""
+    if option is not None and str(option).lower() == "none":
+        print(
+            "--localiser none: no level localiser, so every test row gets its location's best constant (a "
+            "submission that scores like the prior), as asked."
+        )
+        return None
+    if option is not None:
+        return Localiser.load(option)
+    places = list(dict.fromkeys(model.parent / "localiser.keras" for model in models))
+    found = next((place for place in places if place.is_file()), None)
+    if found is None:
+        raise InputError(
+            f"no level localiser found (looked for {list_some(places)}). The competition's test studies have no "
+            "label coordinates, so without it every row would get its location's best constant. Attach the training "
+            "run's whole output folder (localiser.keras and localiser.json beside model.keras), pass --localiser "
+            "PATH, or --localiser none to submit the best constants on purpose."
+        )
+    print(f"localiser: {found}, from the training run's folder")
+    return Localiser.load(found)
 
 
 def is_competition_layout(data_dir):
@@ -3632,26 +3882,29 @@ def read_series_descriptions(competition_dir, split):
     )
 
 
-def read_localiser_studies(competition_dir, split, study_ids, image_size, coordinates=None, workers=WORKERS):
-    """The localiser's view of some studies of a split, read on a thread pool; studies without any series it reads
-    are left out."""
+def read_localiser_studies(
+    competition_dir, split, study_ids, image_size, coordinates=None, workers=WORKERS, cache_dir=None
+):
+    """The localiser's view of some studies of a split, read on a thread pool (through the slice cache in cache_dir,
+    when one is given); studies without any series it reads are left out."""
     series = study_series(read_series_descriptions(competition_dir, split))
     study_ids = [study_id for study_id in study_ids if study_id in series]
     by_study = dict(tuple(coordinates.groupby("study_id"))) if coordinates is not None else {}
 
     def read(study_id):
         labels = by_study.get(study_id, coordinates.iloc[:0]) if coordinates is not None else None
-        return read_localiser_study(competition_dir / f"{split}_images", study_id, series[study_id], image_size, labels)
+        images_dir = competition_dir / f"{split}_images"
+        return read_localiser_study(images_dir, study_id, series[study_id], image_size, labels, cache_dir)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
         return [study for study in executor.map(read, study_ids) if study.volumes]
 
 
-def localise_studies(model, studies):
+def localise_studies(localiser, studies):
     """Localise every study, printing progress; returns {study_id: [LocalisedPoint, ...]}."""
     found, started = {}, time.time()
     for number, study in enumerate(studies, start=1):
-        found[study.study_id] = localise_study(model, study)
+        found[study.study_id] = localise_study(localiser, study)
         if number == len(studies) or number % max(1, len(studies) // 10) == 0:
             print(f"localised {number}/{len(studies)} studies ({time.time() - started:.0f} s)", flush=True)
     return found
@@ -3672,16 +3925,16 @@ def localised_rows(found, mixed=False):
     return pd.DataFrame(rows, columns=[*COORDINATE_COLUMNS, CROP_WEIGHT])
 
 
-def localise_split(model_path, competition_dir, split, out_path, workers=WORKERS, mixed=False):
+def localise_split(localiser, competition_dir, split, out_path, workers=WORKERS, mixed=False, cache_dir=None):
     """Find the points of every study in a competition split and write them as a coordinates CSV (localised_rows);
     returns the path.
 
     Counts the (study, condition, level) rows it could not place, which keep their best constant downstream."""
-    model = load_localiser(model_path)
     study_ids = sorted(study_series(read_series_descriptions(competition_dir, split)))
-    print(f"localising {len(study_ids)} {split} studies in {competition_dir} with {model_path}")
-    studies = read_localiser_studies(competition_dir, split, study_ids, model.input_shape[1], workers=workers)
-    found = localise_studies(model, studies)
+    print(f"localising {len(study_ids)} {split} studies in {competition_dir}")
+    size = localiser.model.input_shape[1]
+    studies = read_localiser_studies(competition_dir, split, study_ids, size, workers=workers, cache_dir=cache_dir)
+    found = localise_studies(localiser, studies)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     write_csv(localised_rows(found, mixed), out_path)
     placed = sum(len(points) for points in found.values())
@@ -3690,22 +3943,7 @@ def localise_split(model_path, competition_dir, split, out_path, workers=WORKERS
         f"wrote {placed:,} points to {out_path}; {unplaced:,} condition-levels could not be placed "
         f"(a study without that series, or no axial slice within {AXIAL_MATCH_MM:g} mm)."
     )
-    keras.backend.clear_session()
     return out_path
-
-
-def load_localiser(path):
-    """A saved localiser (.keras), in safe mode; refused clearly if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--localiser {path}: file not found. Train one with --data-dir COMPETITION.")
-    model = load_saved_model(path, severity=False)
-    if model.name != "level_localiser":
-        raise InputError(f"{path}: is a {model.name} model, not the level localiser (localiser.keras).")
-    geometry = path.with_suffix(".json")  # What it learned from the labels' geometry, beside it.
-    if geometry.is_file():
-        model.level_offsets_mm = json.loads(geometry.read_text()).get("level_offsets_mm")
-    return model
 
 
 def localisation_metrics(found, studies):
@@ -3763,46 +4001,68 @@ def print_localisation(metrics, studies):
         )
 
 
-def train_localiser_for_run(competition_dir, prepared, output_dir, options):
-    """Train the localiser on the training studies of the severity split, measure it on the validation studies,
-    and save it as OUTPUT/localiser.keras; returns (its path, a LocaliserReport)."""
-    settings = localiser_model(options)
-    table = load_train_table(prepared)
-    validation = set()
-    if options.val_fraction > 0 or options.folds > 1:
-        _, validation_rows = split_folds(table, options.folds, options.val_fraction, options.seed)[0]
-        validation = set(study_ids(table["row_id"][validation_rows]))
-    coordinates = read_coordinates(competition_dir / "train_label_coordinates.csv")
+def localiser_for_run(competition, table, validation_rows, settings, options, output_dir):
+    """The run's level localiser, trained on the training studies of the severity split and measured on its
+    validation studies, or the one an interrupted run finished; saved as OUTPUT/localiser.keras. Returns (the
+    Localiser, its LocaliserReport), or (None, None) when it trains none (--localiser-epochs 0, or no study with a
+    labelled series it can read): then the test rows get their best constants, and the run says so."""
+    prepared = options.data_dir
+    if settings is None:
+        print("warning: --localiser-epochs 0: no level localiser, so every test row gets its location's best constant.")
+        return None, None
+    progress, path = Progress.load(output_dir / ".resume" / "localiser"), output_dir / "localiser.keras"
+    validation_points = prepared / "validation_coordinates.csv"
+    if progress.done and path.is_file():
+        print(f"localiser: finished before the interruption, so {path} is used as it is")
+        report_points = validation_points if validation_points.is_file() else None
+        return Localiser.load(path), LocaliserReport(progress.report, competition, prepared, report_points)
+    coordinates = read_coordinates(competition / "train_label_coordinates.csv")
+    validation = set(study_ids(table["row_id"].iloc[validation_rows]))
     labelled = sorted(set(coordinates["study_id"]))
-    keras.utils.set_random_seed(options.seed)
-    size = settings.image_size
-    training = read_localiser_studies(
-        competition_dir, "train", [s for s in labelled if s not in validation], size, coordinates, options.workers
-    )
+    cache_dir, size = slice_cache(output_dir, "train"), settings.localiser_image_size
+
+    def read(studies):
+        return read_localiser_studies(competition, "train", studies, size, coordinates, options.workers, cache_dir)
+
+    training = read([study for study in labelled if study not in validation])
+    count_unused_labels(coordinates, [study for study in labelled if study not in validation], training)
     if not training:
         print(
-            f"localiser: no training study in {competition_dir} has a labelled series it can read (Sagittal T1, "
+            f"warning: localiser: no training study in {competition} has a labelled series it can read (Sagittal T1, "
             "Sagittal T2/STIR or Axial T2 slices with their position and orientation tags), so none is trained "
-            "and the test rows keep their best constants."
+            "and every test row gets its location's best constant."
         )
         return None, None
-    model = train_localiser(training, settings, options)
-    model.level_offsets_mm = learn_offsets(training)
-    path = output_dir / "localiser.keras"
-    write_atomically(path, model.save)
-    write_json({"level_offsets_mm": model.level_offsets_mm}, path.with_suffix(".json"))
-    metrics = {}
-    if validation:
-        held_out = read_localiser_studies(
-            competition_dir, "train", sorted(validation), size, coordinates, options.workers
-        )
-        found = localise_studies(model, held_out)
+    keras.utils.set_random_seed(options.seed)
+    localiser = Localiser(fit_localiser(training, settings, options, progress), learn_offsets(training))
+    localiser.save(path)
+    metrics, report_points = {}, None
+    held_out = read(sorted(validation)) if validation else []
+    if held_out:
+        found = localise_studies(localiser, held_out)
         metrics = localisation_metrics(found, held_out)
         print_localisation(metrics, len(held_out))
         save_localisation_plot(found, held_out, output_dir)
-        found_points = write_csv(localised_rows(found, mixed=True), prepared / "validation_coordinates.csv")
-    keras.backend.clear_session()
-    return path, LocaliserReport(metrics, competition_dir, prepared, found_points if validation else None)
+        report_points = write_csv(localised_rows(found, mixed=True), validation_points)
+    progress.done, progress.report = True, metrics
+    progress.save()
+    return localiser, LocaliserReport(metrics, competition, prepared, report_points)
+
+
+def count_unused_labels(coordinates, wanted_studies, studies):
+    """Print how many of the wanted studies' label points the localiser trains on, and name those it cannot use
+    (on a series it does not read, an instance it lacks, or a study without a readable series)."""
+    wanted = coordinates[coordinates["study_id"].isin(set(wanted_studies))]
+    read = {study.study_id for study in studies}
+    unused = [entry for study in studies for entry in study.unused_labels]
+    unused += [
+        f"{row_id} (study {study_id}: no listed series that the localiser can read)"
+        for row_id, study_id in wanted.loc[~wanted["study_id"].isin(read), ["row_id", "study_id"]].itertuples(False)
+    ]
+    print(
+        f"localiser: trains on {len(wanted) - len(unused):,} of the {len(wanted):,} label points of its studies"
+        + (f"; {len(unused):,} cannot be used: {list_some(unused, limit=5)}" if unused else "")
+    )
 
 
 @dataclass
@@ -3843,43 +4103,30 @@ def severity_at_found_points(report, model_path, table, validation_rows, options
     }
 
 
-def prepare_for_run(competition_dir, options, command):
-    """Turn a competition folder into the seed layout in OUTPUT/prepared (kept, so reruns are quick).
-
-    Training also trains the level localiser (unless --localiser-epochs 0); the test studies, which have no label
-    coordinates, then get crops at the points it finds. Returns (the prepared folder, its LocaliserReport or None).
-    """
-    output_dir = options.output_dir
-    prepared = output_dir / "prepared"
-    test = command == "predict" or not options.no_test
-    test_studies = competition_dir / "test_series_descriptions.csv"
-    if test and not test_studies.is_file():  # Checked before anything is prepared.
+def refuse_missing_test_listing(competition_dir, command, no_test=False):
+    """Refuse, before anything is prepared, a competition folder without the test studies a run must predict."""
+    listing = competition_dir / "test_series_descriptions.csv"
+    if not no_test and not listing.is_file():
         without_test = " To train without a test set, add --no-test." if command == "train" else ""
-        raise InputError(f"{test_studies}: file not found; it lists the test studies to predict.{without_test}")
-    print(f"{competition_dir} holds the competition's layout: preparing the seed layout in {prepared}")
-    localiser, report = None, None
-    if command == "train":
-        severity_model(options)  # Its settings are checked now, not after the localiser has trained.
-        print_prepare_summary(prepare_competition(competition_dir, prepared, "train", workers=options.workers))
-        if options.localiser_epochs > 0:
-            prepare_output_dir(output_dir)
-            if not options.resume:
-                remove_earlier_outputs(output_dir)  # Before this run's localiser is written beside them.
-            localiser, report = train_localiser_for_run(competition_dir, prepared, output_dir, options)
-    elif command == "predict":
-        beside_model = options.model[0].parent / "localiser.keras"
-        localiser = options.localiser or (beside_model if beside_model.is_file() else None)
-    if test:
-        coordinates = None
-        if localiser is not None:
-            coordinates = localise_split(
-                localiser, competition_dir, "test", prepared / "test_coordinates.csv", options.workers, mixed=True
-            )
-            shutil.rmtree(prepared / "images" / "test", ignore_errors=True)  # Crops of an earlier localiser's points.
-        print_prepare_summary(
-            prepare_competition(competition_dir, prepared, "test", coordinates, workers=options.workers)
-        )
-    return prepared, report
+        raise InputError(f"{listing}: file not found; it lists the test studies to predict.{without_test}")
+
+
+def prepare_split(competition_dir, prepared, split, coordinates, workers):
+    """Turn one split of a competition folder into the seed layout in `prepared` (kept, so reruns are quick), print
+    what was done; returns the prepared folder."""
+    print(f"{competition_dir} holds the competition's layout: preparing its {split} split in {prepared}")
+    print_prepare_summary(prepare_competition(competition_dir, prepared, split, coordinates, workers=workers))
+    return prepared
+
+
+def prepare_test_split(competition_dir, prepared, localiser, workers, cache_dir=None):
+    """The test studies, which have no label coordinates, cropped where the localiser finds their points (every row
+    its best constant without one): prepared/test.csv with all 25 rows of every study."""
+    coordinates = None
+    if localiser is not None:
+        coordinates = prepared / "test_coordinates.csv"
+        localise_split(localiser, competition_dir, "test", coordinates, workers, mixed=True, cache_dir=cache_dir)
+    return prepare_split(competition_dir, prepared, "test", coordinates, workers)
 
 
 def prepare_competition(
@@ -4044,14 +4291,33 @@ def kaggle_input_files(name, depth):
 
 
 def find_kaggle_data_dir(split):
-    """The data attached under /kaggle/input for a split: a dataset in the seed layout, else the competition."""
-    for marker in (f"{split}.csv", f"{split}_series_descriptions.csv"):
-        for path in kaggle_input_files(marker, depth=3):
-            # The competition's own train.csv is wide (no image_path); it is found by its series file.
-            with path.open(encoding="utf-8", errors="replace") as file:
-                if "series" in marker or "image_path" in file.readline():
-                    return path.parent
-    return None
+    """(the data attached under /kaggle/input for a split, one line saying what was found and what was passed over).
+
+    The competition, found by its {split}_series_descriptions.csv, whenever it is attached: on Kaggle's rerun of a
+    submission notebook its listing names the hidden test studies. A dataset in the seed layout ({split}.csv with an
+    image_path column, such as a training run's prepared/ uploaded with its models) only when no competition is."""
+    competitions = [path.parent for path in kaggle_input_files(f"{split}_series_descriptions.csv", depth=3)]
+    seed_layouts = [path.parent for path in kaggle_input_files(f"{split}.csv", depth=3) if has_image_path(path)]
+    if competitions:
+        found = competitions[0]
+        line = f"kaggle:  using the competition in {found} (its {split}_series_descriptions.csv)"
+        if seed_layouts:
+            line += (
+                f"; passed over the seed-layout data in {list_some(seed_layouts, limit=3)}: with the competition "
+                "attached, its own listing says which studies to " + ("predict" if split == "test" else "train on")
+            )
+    elif seed_layouts:
+        found = seed_layouts[0]
+        line = f"kaggle:  using the seed-layout data in {found} (no competition is attached)"
+    else:
+        return None, None
+    return found, line + ". --data-dir chooses another."
+
+
+def has_image_path(path):
+    """True for a seed-layout CSV: its header names image_path (the competition's own train.csv is wide)."""
+    with path.open(encoding="utf-8", errors="replace") as file:
+        return "image_path" in file.readline()
 
 
 def resolve_data_dir(option, command):
@@ -4060,9 +4326,9 @@ def resolve_data_dir(option, command):
         return Path(option)
     split = "test" if command == "predict" else "train"
     if on_kaggle() and not Path(f"{split}.csv").is_file():
-        found = find_kaggle_data_dir(split)
+        found, line = find_kaggle_data_dir(split)
         if found is not None:
-            print(f"kaggle:  using the data in {found} (--data-dir chooses another)")
+            print(line)
             return found
     return Path(".")
 
@@ -4284,16 +4550,20 @@ def build_parser(command):
             nargs="+",
             required=True,
             type=Path,
-            help="saved model(s) (.keras); several are averaged, as a K-fold run's are",
+            help="a training run's output folder, or saved model(s) (.keras) in it; several are averaged, as a "
+            "K-fold run's are",
         )
         parser.add_argument(
             "--localiser",
             type=Path,
             help="with a competition folder, the level localiser that places the test points (default: "
-            "localiser.keras beside the first --model, if there is one)",
+            "localiser.keras in the training run's folder, beside the first --model); none: no localiser, every "
+            "test row gets its location's best constant, on purpose",
         )
     elif command == "localise":
-        parser.add_argument("--model", required=True, type=Path, help="the level localiser (localiser.keras)")
+        parser.add_argument(
+            "--localiser", "--model", required=True, type=Path, help="the level localiser (localiser.keras)"
+        )
         parser.add_argument("--competition-dir", required=True, type=Path, help="the competition's folder")
         parser.add_argument("--split", choices=("train", "test"), default="test", help="(default: %(default)s)")
         parser.add_argument(
@@ -4374,21 +4644,20 @@ def run_command(command, options):
     if command in ("train", "predict"):
         options.data_dir = resolve_data_dir(options.data_dir, command)
         options.output_dir = resolve_output_dir(options.output_dir)
-    localisation = None
-    if command in ("train", "predict") and is_competition_layout(options.data_dir):
-        options.data_dir, localisation = prepare_for_run(options.data_dir, options, command)
     if command == "train":
-        return train(options, localisation)
-    if command == "localise":
-        localise_split(options.model, options.competition_dir, options.split, options.out, options.workers)
-        return 0
+        return train(options)
     if command == "predict":
         return predict(options)
+    if command == "localise":
+        localiser = Localiser.load(options.localiser)
+        localise_split(localiser, options.competition_dir, options.split, options.out, options.workers)
+        return 0
     if command == "prepare":
         coordinates = options.coordinates
         if coordinates is None and options.localiser is not None and options.split == "test":
             coordinates = options.out_dir / "test_coordinates.csv"
-            localise_split(options.localiser, options.competition_dir, "test", coordinates, options.workers, mixed=True)
+            localiser = Localiser.load(options.localiser)
+            localise_split(localiser, options.competition_dir, "test", coordinates, options.workers, mixed=True)
         print_prepare_summary(
             prepare_competition(
                 options.competition_dir,

@@ -64,7 +64,7 @@ def naive_localise(localiser, study):
     found = []
     for kind, volumes in study.volumes.items():
         for volume in volumes:
-            outputs = script.predict_slices(localiser, volume, range(len(volume.images)))
+            outputs = script.predict_slices(localiser.model, volume, range(len(volume.images)))
             for channel in script.KIND_CHANNELS[kind]:
                 index = int(np.argmax(outputs[:, channel, 2]))
                 found.append(script.point_on(volume, range(len(outputs)), outputs, index, channel, "naive", "l1_l2"))
@@ -95,7 +95,7 @@ def main():
     competition = anatomy_synthetic.write_anatomical_competition(root / "competition", 1, options.studies, seed=11)
     root = competition.root
     size = script.LOCALISER_IMAGE_SIZE
-    localiser = script.build_localiser(size, None, from_scratch=True)
+    localiser = script.Localiser(script.build_localiser(size, None, from_scratch=True), level_offsets_mm=None)
     severity = script.build_model(script.IMAGE_SIZE, None, from_scratch=True)
     study_ids = [str(study_id) for study_id in competition.test_study_ids]
     time_studies(localiser, severity, root, study_ids[:1], size, "ours")  # Warm-up: tracing, caches.
@@ -120,7 +120,7 @@ def main():
         for study_id in sorted(train_series)
     ] * 8
     batches = script.LocaliserBatches(studies, script.LOCALISER_BATCH_SIZE, 0, True, script.LOCALISER_AUGMENTATION, 2)
-    trainer = script.localiser_trainer(localiser)
+    trainer = script.localiser_trainer(localiser.model)
     trainer.compile(optimizer="adam", loss=[script.localiser_loss, script.heatmap_loss])
     trainer.fit(batches, epochs=1, verbose=0)
     started = time.perf_counter()

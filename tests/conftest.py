@@ -60,8 +60,9 @@ def tiny_run(tiny_dataset, tmp_path_factory):
 # The suite runs on two workers, a test file to each at a time (pytest.ini); handing out the slowest files first
 # keeps one worker from starting a long file while the other has finished everything else.
 SLOWEST_FILES_FIRST = (
-    "test_faults.py",
     "test_localiser.py",
+    "test_kaggle_notebooks.py",
+    "test_faults.py",
     "test_distribute.py",
     "test_learning.py",
     "test_probe.py",

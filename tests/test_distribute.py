@@ -265,6 +265,24 @@ def test_precision_choice_without_a_gpu(precision, policy, restore_float32_polic
     assert keras.mixed_precision.global_policy().name == policy
 
 
+@pytest.mark.parametrize(
+    "capability, policy", [((6, 0), "float32"), ((7, 5), "mixed_float16"), ((8, 0), "mixed_float16")]
+)
+def test_auto_precision_uses_float16_only_on_gpus_with_tensor_cores(
+    capability, policy, monkeypatch, restore_float32_policy
+):
+    """A P100 (compute capability 6.0) has no tensor cores, where float16 runs slower: auto stays float32 there and
+    says why; a T4 (7.5) or newer gets mixed_float16."""
+    gpu = object()
+    monkeypatch.setattr(script.tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    monkeypatch.setattr(
+        script.tf.config.experimental, "get_device_details", lambda device: {"compute_capability": capability}
+    )
+    assert script.choose_precision("auto") == policy
+    reason = script.precision_policy("auto")[1]
+    assert str(capability) in reason and ("no tensor cores" in reason) == (policy == "float32")
+
+
 def test_mixed_bfloat16_trains_a_step_and_keeps_the_output_float32(restore_float32_policy):
     """Under --precision mixed on the CPU, the network computes in bfloat16 and a training step gives a finite
     loss, while the softmax layer computes, and returns, float32 probabilities."""

@@ -266,7 +266,7 @@ def test_too_little_free_disk_is_refused_stating_the_estimate(small_dataset, tmp
     output_dir = tmp_path / "output"
     message = refused_training(small_dataset, output_dir, capsys)
     _, options = script.parse_arguments(training_argv(small_dataset, output_dir, SHORT_RUN))
-    assert f"{script.checkpoint_bytes(script.severity_model(options), 1) / 1e9:.1f} GB" in message
+    assert f"{script.checkpoint_bytes(script.severity_settings(options), 1) / 1e9:.1f} GB" in message
     assert file_names(output_dir) == []
 
 

@@ -78,15 +78,29 @@ def test_attached_seed_dataset_is_found_and_named(kaggle_root, capsys, depth):
 def test_competition_folder_is_found_by_its_series_descriptions(kaggle_root):
     """The competition's wide train.csv has no image_path, so its folder is recognised by the series file."""
     competition_dir = attach_competition(kaggle_root)
-    assert script.find_kaggle_data_dir("train") == competition_dir
+    assert script.find_kaggle_data_dir("train")[0] == competition_dir
     assert script.is_competition_layout(competition_dir)
 
 
-def test_seed_dataset_is_preferred_over_the_competition(kaggle_root):
-    """With both attached, the ready seed layout wins, even sorted after the competition and deeper down."""
-    attach_competition(kaggle_root)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_attached_competition_wins_over_any_seed_layout_dataset(kaggle_root, split, capsys):
+    """With the competition attached, its own listing decides, even when a seed-layout dataset sorts first and sits
+    less deep, as a training run's prepared/ uploaded with its models does; the one line says what was passed over."""
+    competition_dir = attach_competition(kaggle_root)
+    write_csv_header(competition_dir / "test_series_descriptions.csv", ["study_id", "series_id", "series_description"])
+    uploaded_run = attach_seed_dataset(kaggle_root, "aa-my-spine-model", "prepared")
+    write_csv_header(uploaded_run / "test.csv", script.TEST_COLUMNS)
+    assert script.resolve_data_dir(None, "predict" if split == "test" else "train") == competition_dir
+    line = capsys.readouterr().out.strip()
+    assert line.count("\n") == 0 and str(competition_dir) in line
+    assert f"passed over the seed-layout data in {uploaded_run}" in line
+
+
+def test_a_seed_layout_dataset_is_used_when_no_competition_is_attached(kaggle_root, capsys):
+    """Without the competition, a seed-layout dataset is the data, and the line says why."""
     dataset_dir = attach_seed_dataset(kaggle_root, random_name("zz-"), random_name())
-    assert script.find_kaggle_data_dir("train") == dataset_dir
+    assert script.resolve_data_dir(None, "train") == dataset_dir
+    assert "no competition is attached" in capsys.readouterr().out
 
 
 def test_train_csv_in_the_current_folder_wins_over_attached_data(kaggle_root):

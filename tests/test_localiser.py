@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import script
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # Ten training studies (two held out for validation) and two test studies, at 96 px so that a run is quick.
 TRAIN_STUDIES, TEST_STUDIES, DICOM_SIZE = 10, 2, 96
@@ -69,7 +71,7 @@ def test_training_on_a_competition_trains_and_measures_the_localiser(trained):
     severity = localisation["severity"]
     assert severity["rows"] > 0 and severity["score_at_found_points"] > 0 and severity["score_at_labelled_points"] > 0
     assert (trained / "localisation.png").is_file()
-    assert json.loads((trained / "config.json").read_text())["localiser_model"]["epochs"] == 12
+    assert json.loads((trained / "config.json").read_text())["localiser_model"]["localiser_epochs"] == 12
 
 
 def test_localise_prepare_predict_fills_every_row_at_points_near_the_truth(competition, trained, tmp_path):
@@ -125,3 +127,35 @@ def test_a_found_points_severity_mixes_its_slice_and_the_neighbours_as_present_a
     mixed = dict(script.mixed_slices(indices, [0.5, 0.5, 0.2, 0.99, 0.5], chosen=5))
     assert 5 in mixed and mixed[6] > 0.9 and sum(mixed.values()) == pytest.approx(1.0, abs=1e-3)
     assert script.mixed_slices(indices, [0.0] * 5, chosen=5) == ((5, 1.0),)
+
+
+def a_stack(slices):
+    """A sagittal stack of `slices` headers 4 mm apart, with no files behind it: all that a point's row needs."""
+    headers = tuple(
+        script.SliceHeader(None, number + 1, (4.0 * number, 0.0, 0.0), (0, 1, 0, 0, 0, -1), (0.8, 0.8), (64, 64))
+        for number in range(slices)
+    )
+    return script.Volume(script.Stack("7", headers), np.zeros((slices, 8, 8), np.uint8))
+
+
+presences = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1e-30, 1e-6, 1.0, float("nan")]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(lambda n: st.tuples(st.lists(presences, min_size=n, max_size=n), st.integers(0, n - 1)))
+)
+def test_mixed_slices_always_round_trip_through_the_coordinates_reader(tmp_path_factory, case):
+    """Whatever the presences and whichever slice was chosen, the mixed rows the localiser writes are read back whole
+    by the coordinates reader (each weight a number > 0), the chosen slice among them, the weights summing to 1."""
+    slice_presences, chosen = case
+    volume = a_stack(len(slice_presences))
+    outputs = np.zeros((len(slice_presences), len(script.LOCALISER_CHANNELS), 3))
+    outputs[:, 0] = [[0.5, 0.5, presence] for presence in slice_presences]
+    point = script.point_on(volume, range(len(outputs)), outputs, chosen, 0, "spinal_canal_stenosis", "l1_l2")
+    path = tmp_path_factory.mktemp("mixed") / "coordinates.csv"
+    script.write_csv(script.localised_rows({"1": [point]}, mixed=True), path)
+    read_back = script.read_coordinates(path)
+    assert len(read_back) == len(point.slices) and chosen + 1 in set(read_back["instance_number"])
+    assert (read_back[script.CROP_WEIGHT] > 0).all()
+    assert read_back[script.CROP_WEIGHT].sum() == pytest.approx(1.0, abs=1e-3)

@@ -337,12 +337,12 @@ def test_predict_names_a_model_folder_or_a_foreign_zip_in_one_line(model, expect
 def test_resume_position_names_fold_phase_and_epoch(tmp_path):
     """The line --resume prints before training: the first unfinished fold, its phase, and the next epoch."""
     _, options = script.parse_arguments(["--epochs", "3", "--fine-tune-epochs", "2", "--folds", "3"])
-    settings = script.severity_model(options)
+    settings = script.severity_settings(options)
     assert script.resume_position(tmp_path, settings, 3) == "fold 1, phase 1, epoch 1"
-    done = script.FoldState.load(tmp_path / "fold1")
+    done = script.Progress.load(tmp_path / "fold1")
     done.done = True
     done.save()
-    in_phase_two = script.FoldState.load(tmp_path / "fold2")
+    in_phase_two = script.Progress.load(tmp_path / "fold2")
     in_phase_two.finished_phases = [1]
     in_phase_two.save()
     assert script.resume_position(tmp_path, settings, 3) == "fold 2, phase 2, epoch 4"
