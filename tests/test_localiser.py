@@ -67,6 +67,8 @@ def test_training_on_a_competition_trains_and_measures_the_localiser(trained):
         group = localisation[name]
         assert group["points"] > 0 and 0 <= group["within_10mm"] <= 1 and group["median_mm"] >= 0
         assert 0 <= group["slice_within_one"] <= 1 and 0 <= group["level_swaps"] <= 1
+        # Real bounds: well below a guess that knows no anatomy, on the two held-out studies.
+        assert group["median_mm"] <= MAXIMUM_MEDIAN_MM and group["p90_mm"] >= group["median_mm"], (name, group)
     # The severity model scored twice on the validation rows: at the labelled and at the found points.
     severity = localisation["severity"]
     assert severity["rows"] > 0 and severity["score_at_found_points"] > 0 and severity["score_at_labelled_points"] > 0
