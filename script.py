@@ -163,11 +163,19 @@ CONSTANT_SMOOTHING_ROWS = 0.5
 LOCALISER_IMAGE_SIZE = 128  # px, square: a 288-320 px sagittal slice at 2.3-2.5 px per input px; heatmap stride 4
 LOCALISER_EPOCHS = 30  # each epoch: LOCALISER_SLICES_PER_STUDY slices per study and series kind (0: no localiser)
 LOCALISER_SLICES_PER_STUDY = 2  # per series kind and epoch
+LOCALISER_MIN_SLICES_PER_EPOCH = 192  # more slices per study where there are few studies: enough steps to learn
 LOCALISER_LABELLED_SHARE = 0.5  # of those, drawn at or next to a labelled slice; the rest anywhere in the stack
 LOCALISER_BATCH_SIZE = 8  # slices per step
 LOCALISER_LEARNING_RATE = 1e-3  # Adam; warmed up over the first epoch, then cosine-decayed
 LOCALISER_FINAL_LEARNING_RATE = 0.1  # the cosine decay's end, as a share of LOCALISER_LEARNING_RATE
 LOCALISER_AUGMENTATION = dict(rotation_range=10, width_shift_range=0.08, height_shift_range=0.08, zoom_range=0.1)
+# What scanners and sequences change, drawn for LOCALISER_INTENSITY_SHARE of the training slices: a gamma (log-uniform
+# in the range), a contrast factor about the mean, a smooth multiplicative bias field (its log's standard deviation), a
+# Gaussian blur (sigma up to this many input px) and Gaussian noise (standard deviation up to this share of full
+# scale). Off by default: on every slice, real MR's other-contrast look improved (within 10 mm 5 → 19 %) but its own
+# contrast got worse (83 → 77 %) in 30 epochs, and the synthetic competitions' figures are unmeasured with it.
+LOCALISER_INTENSITY_AUGMENTATION = dict(gamma=(0.6, 1.6), contrast=(0.7, 1.4), bias_field=0.3, blur=1.0, noise=0.04)
+LOCALISER_INTENSITY_SHARE = 0.0
 LOCALISER_WIDTH = 128  # channels of the head's feature pyramid
 # A point's coordinates weigh this much more than its presence in the localiser's loss: an L1 error of 0.01
 # (2 input pixels) should count about as much as a presence guess that is wrong by a fair margin.
@@ -175,6 +183,13 @@ LOCALISER_COORDINATE_LOSS_WEIGHT = 20.0
 LOCALISER_HEATMAP_SIGMA_CELLS = 1.0  # heatmap cells (stride 4): the Gaussian around a labelled point, the map's target
 LOCALISER_PEAK_WINDOW = 2  # heatmap cells (stride 4, so ±8 input px) around the peak that a found point averages over
 AXIAL_MATCH_MM = 5.0  # mm: an axial slice farther than this from a level's point is no match for it
+# The five levels of the canal (and of each side's foramina) are decoded as one chain: each level chooses among this
+# many places on its slice, jointly with the others, so that every step from one level down to the next is one the
+# labels would draw: its length within this range of the mean step's, its direction within this angle of the mean's.
+CHAIN_CANDIDATES = 6
+CHAIN_STEP_RANGE = (0.6, 1.5)
+CHAIN_STEP_ANGLE = 40.0  # degrees
+CHAIN_MIN_SD_MM = 3.0  # mm: the least standard deviation recorded for a step, per axis
 # A found point's severity is the mean over its slice and the slices beside it, weighted by presence ** this power:
 # where the localiser cannot tell two slices apart, the prediction hedges between them rather than betting on one.
 SLICE_MIX_POWER = 4
@@ -265,11 +280,14 @@ class LocaliserSettings:
     localiser_image_size: int
     localiser_epochs: int
     localiser_slices_per_study: int
+    localiser_min_slices_per_epoch: int
     localiser_labelled_share: float
     localiser_batch_size: int
     localiser_learning_rate: float
     localiser_final_learning_rate: float
     localiser_augmentation: dict
+    localiser_intensity_augmentation: dict
+    localiser_intensity_share: float
     localiser_width: int
     localiser_coordinate_loss_weight: float
     localiser_heatmap_sigma_cells: float
@@ -287,11 +305,14 @@ def localiser_settings(options):
         localiser_image_size=options.localiser_image_size,
         localiser_epochs=options.localiser_epochs,
         localiser_slices_per_study=LOCALISER_SLICES_PER_STUDY,
+        localiser_min_slices_per_epoch=LOCALISER_MIN_SLICES_PER_EPOCH,
         localiser_labelled_share=LOCALISER_LABELLED_SHARE,
         localiser_batch_size=LOCALISER_BATCH_SIZE,
         localiser_learning_rate=LOCALISER_LEARNING_RATE,
         localiser_final_learning_rate=LOCALISER_FINAL_LEARNING_RATE,
         localiser_augmentation=dict(LOCALISER_AUGMENTATION),
+        localiser_intensity_augmentation=dict(LOCALISER_INTENSITY_AUGMENTATION),
+        localiser_intensity_share=LOCALISER_INTENSITY_SHARE,
         localiser_width=LOCALISER_WIDTH,
         localiser_coordinate_loss_weight=LOCALISER_COORDINATE_LOSS_WEIGHT,
         localiser_heatmap_sigma_cells=LOCALISER_HEATMAP_SIGMA_CELLS,
@@ -2274,13 +2295,15 @@ def localiser_for_run(competition, table, validation_rows, settings, options, ou
         )
         return None, None
     keras.utils.set_random_seed(options.seed)
-    localiser = Localiser(fit_localiser(training, settings, options, progress), learn_offsets(training))
+    model = fit_localiser(training, settings, options, progress)
+    localiser = Localiser(model, learn_offsets(training), learn_level_steps(training))
     localiser.save(path)
     metrics, report_points = {}, None
     held_out = read(sorted(validation)) if validation else []
     if held_out:
-        found = localise_studies(localiser, held_out)
-        metrics = localisation_metrics(found, held_out)
+        chains = {}
+        found = localise_studies(localiser, held_out, chains)
+        metrics = localisation_metrics(found, held_out, chains)
         print_localisation(metrics, len(held_out))
         save_localisation_plot(found, held_out, output_dir)
         report_points = write_csv(localised_rows(found, mixed=True), validation_points)
@@ -2324,6 +2347,8 @@ LOCALISER_CHANNELS = (
     ("right_subarticular_stenosis", None),
 )
 KIND_CHANNELS = {"canal": range(0, 5), "foramen": range(5, 10), "recess": range(10, 12)}
+# The conditions whose five levels are decoded as a chain, one point per level on a sagittal series.
+CHAIN_CONDITIONS = ("spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing")
 # The localiser's training targets, per slice and channel (slice_targets): these fields, in this order; x and y are
 # normalised to [0, 1] across the slice.
 TARGET_FIELDS = ("x", "y", "coordinate_mask", "presence", "presence_mask")
@@ -2446,6 +2471,25 @@ def localiser_input(images):
     return keras.applications.resnet50.preprocess_input(np.asarray(images, np.float32))
 
 
+def vary_intensity(image, rng, intensity):
+    """A uint8 slice triplet with its intensities varied as another scanner or sequence would vary them, every
+    channel alike: a gamma, a contrast about the mean, a smooth bias field, a blur and noise, each drawn from `rng`
+    within the ranges of `intensity` (LOCALISER_INTENSITY_AUGMENTATION). Real MR differs from study to study in all
+    of these, and a localiser that has seen one contrast only may not find the levels on another."""
+    size = image.shape[0]
+    low, high = intensity["gamma"]
+    values = (image.astype(np.float32) / 255.0) ** np.exp(rng.uniform(np.log(low), np.log(high)))
+    mean = values.mean()
+    values = mean + (values - mean) * rng.uniform(*intensity["contrast"])
+    field = rng.normal(0.0, intensity["bias_field"], (4, 4)).astype(np.float32)
+    values *= np.exp(cv2.resize(field, (size, size), interpolation=cv2.INTER_CUBIC))[..., None]
+    sigma = rng.uniform(0.0, intensity["blur"])
+    if sigma > 0.3:
+        values = cv2.GaussianBlur(values, (0, 0), sigma)
+    values += rng.normal(0.0, rng.uniform(0.0, intensity["noise"]), values.shape).astype(np.float32)
+    return (np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def augment_localiser_sample(image, targets, kind, seed, augmentation):
     """ImageDataGenerator-style affine augmentation that moves the points with the image; an axial slice may also
     be flipped left to right, which swaps the patient's left and right, and so the two recess channels."""
@@ -2475,10 +2519,13 @@ def augment_localiser_sample(image, targets, kind, seed, augmentation):
 
 
 class LocaliserBatches(keras.utils.PyDataset):
-    """Training slices for the localiser: each epoch, `repeats` per study and series kind it has labels for, shuffled.
+    """Training slices for the localiser: each epoch, `repeats` per study and series kind it has labels for (more
+    where that would give fewer than `minimum` slices), shuffled.
 
     Half are drawn at or next to a labelled slice and half anywhere in the stack, so the presence head sees both.
-    With augment, the slices are warped and the points move with them (augment_localiser_sample).
+    With augment, the slices are warped and the points move with them (augment_localiser_sample), and their
+    intensities are varied as scanners and sequences vary them (vary_intensity, with `intensity`), for
+    `intensity_share` of them.
     """
 
     def __init__(
@@ -2491,6 +2538,9 @@ class LocaliserBatches(keras.utils.PyDataset):
         workers=1,
         repeats=1,
         labelled_share=LOCALISER_LABELLED_SHARE,
+        intensity=None,
+        minimum=0,
+        intensity_share=1.0,
     ):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
         items = [
@@ -2501,6 +2551,7 @@ class LocaliserBatches(keras.utils.PyDataset):
         ]
         self.studies, self.batch_size, self.seed = studies, batch_size, seed
         self.augment, self.augmentation, self.labelled_share = augment, augmentation, labelled_share
+        self.intensity, self.intensity_share = intensity, intensity_share
         # The slices a labelled point is present on, per item: drawn from half the time.
         labelled = [
             [
@@ -2511,6 +2562,7 @@ class LocaliserBatches(keras.utils.PyDataset):
             ]
             for number, kind in items
         ]
+        repeats = max(repeats, math.ceil(minimum / max(len(items), 1)))
         self.items, self.labelled = repeats * items, repeats * labelled
         self.start_epoch(0)
 
@@ -2537,6 +2589,8 @@ class LocaliserBatches(keras.utils.PyDataset):
         image, targets = triplet(volume, index), slice_targets(study, kind, volume, index)
         if self.augment:
             image, targets = augment_localiser_sample(image, targets, kind, int(rng.integers(2**31)), self.augmentation)
+            if self.intensity and rng.random() < self.intensity_share:
+                image = vary_intensity(image, rng, self.intensity)
         return image, targets
 
     def __getitem__(self, index):
@@ -2713,6 +2767,9 @@ def fit_localiser(studies, settings, options, progress):
         options.workers,
         settings.localiser_slices_per_study,
         settings.localiser_labelled_share,
+        settings.localiser_intensity_augmentation,
+        settings.localiser_min_slices_per_epoch,
+        settings.localiser_intensity_share,
     )
     model = build_localiser(
         settings.localiser_image_size,
@@ -2741,19 +2798,25 @@ def fit_localiser(studies, settings, options, progress):
 
 @dataclass
 class Localiser:
-    """A trained level localiser: its model, and the offsets it learned from the labels' geometry (learn_offsets),
-    saved as localiser.keras and localiser.json beside it."""
+    """A trained level localiser: its model, and what it learned from the labels' geometry (learn_offsets,
+    learn_level_steps), saved as localiser.keras and localiser.json beside it. Predicting, it also reads the model's
+    heatmaps, to decode each condition's levels as a chain."""
 
     model: keras.Model
-    level_offsets_mm: dict
+    level_offsets_mm: dict | None
+    level_steps_mm: dict | None = None
+
+    def __post_init__(self):
+        self.predictor = keras.Model(self.model.input, [self.model.output, self.model.get_layer("heatmaps").output])
 
     def save(self, path):
         write_atomically(path, self.model.save)
-        write_json({"level_offsets_mm": self.level_offsets_mm}, Path(path).with_suffix(".json"))
+        geometry = {"level_offsets_mm": self.level_offsets_mm, "level_steps_mm": self.level_steps_mm}
+        write_json(geometry, Path(path).with_suffix(".json"))
 
     @classmethod
     def load(cls, path):
-        """A saved localiser, in safe mode; refused clearly if it is not one, or if its offsets are not beside it."""
+        """A saved localiser, in safe mode; refused clearly if it is not one, or if its geometry is not beside it."""
         path = Path(path)
         refuse_unreadable_file(path, "localiser (localiser.keras)", option="--localiser ")
         model = load_saved_model(path, severity=False)
@@ -2761,13 +2824,13 @@ class Localiser:
             raise InputError(f"--localiser {path}: is a {model.name} model, not the level localiser (localiser.keras).")
         geometry = path.with_suffix(".json")
         try:
-            offsets = json.loads(geometry.read_text())["level_offsets_mm"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            learned = json.loads(geometry.read_text())
+            return cls(model, learned["level_offsets_mm"], learned.get("level_steps_mm"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise InputError(
                 f"--localiser {path}: its offsets, {geometry}, cannot be read ({type(error).__name__}: {error}). Keep "
                 "localiser.json, which the training run wrote, beside localiser.keras."
             ) from None
-        return cls(model, offsets)
 
 
 def localise_split(localiser, competition_dir, split, out_path, workers=WORKERS, mixed=False, cache_dir=None):
@@ -2791,11 +2854,14 @@ def localise_split(localiser, competition_dir, split, out_path, workers=WORKERS,
     return out_path
 
 
-def localise_studies(localiser, studies):
-    """Localise every study, printing progress; returns {study_id: [LocalisedPoint, ...]}."""
+def localise_studies(localiser, studies, chains=None):
+    """Localise every study, printing progress; returns {study_id: [LocalisedPoint, ...]}. With a dict `chains`, each
+    study's chains are recorded there (localise_study)."""
     found, started = {}, time.time()
     for number, study in enumerate(studies, start=1):
-        found[study.study_id] = localise_study(localiser, study)
+        found[study.study_id] = localise_study(
+            localiser, study, None if chains is None else chains.setdefault(study.study_id, [])
+        )
         if number == len(studies) or number % max(1, len(studies) // 10) == 0:
             print(f"localised {number}/{len(studies)} studies ({time.time() - started:.0f} s)", flush=True)
     return found
@@ -2816,26 +2882,30 @@ def localised_rows(found, mixed=False):
     return pd.DataFrame(rows, columns=[*COORDINATE_COLUMNS, CROP_WEIGHT])
 
 
-def localise_study(localiser, study):
-    """Every point of a study the localiser can place: up to 25, fewer where a series is missing."""
-    sagittal = localise_sagittal(localiser, study)
+def localise_study(localiser, study, chains=None):
+    """Every point of a study the localiser can place: up to 25, fewer where a series is missing. With a list
+    `chains`, each chain decoded is recorded there as (condition, broken before, broken after): see chained_points."""
+    sagittal = localise_sagittal(localiser, study, chains)
     return sagittal + localise_axial(localiser, study, sagittal)
 
 
-def localise_sagittal(localiser, study):
-    """The canal points (Sagittal T2/STIR) and the foramina (Sagittal T1): every slice is run, and each point goes on
-    the slice where it is most present. A foramen is looked for near where the learned offsets put it from the canal
-    points, else on its side of the midline."""
+def localise_sagittal(localiser, study, chains=None):
+    """The canal points (Sagittal T2/STIR) and the foramina (Sagittal T1): every slice is run, and each level goes on
+    the slice where it is most present; then each condition's five levels are placed on their slices as a chain. A
+    foramen's slice is looked for near where the learned offsets put it from the canal points, else on its side of
+    the midline."""
     found = []
     if "canal" in study.volumes:
         volume = study.volumes["canal"][0]
-        outputs = predict_slices(localiser.model, volume, range(len(volume.images)))
-        for channel, level in zip(KIND_CHANNELS["canal"], LEVELS):
-            index = most_present(outputs, channel, range(len(outputs)))
-            found.append(point_on(volume, range(len(outputs)), outputs, index, channel, "spinal_canal_stenosis", level))
+        outputs, heatmaps = predict_slices(localiser, volume, range(len(volume.images)))
+        chosen = {
+            level: most_present(outputs, channel, range(len(outputs)))
+            for channel, level in zip(KIND_CHANNELS["canal"], LEVELS)
+        }
+        found += chained_points(localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, chains)
     if "foramen" in study.volumes:
         volume = study.volumes["foramen"][0]
-        outputs = predict_slices(localiser.model, volume, range(len(volume.images)))
+        outputs, heatmaps = predict_slices(localiser, volume, range(len(volume.images)))
         stack = volume.stack
         rows, columns = stack.shape
         slice_x = np.array(
@@ -2847,16 +2917,144 @@ def localise_sagittal(localiser, study):
         midline = float(np.median([point[0] for point in canal.values()])) if canal else float(np.median(slice_x))
         window = 1.5 * (abs(stack.slice_spacing) or 3.0)
         for side, on_side in (("left", slice_x > midline), ("right", slice_x <= midline)):
-            condition = f"{side}_neural_foraminal_narrowing"
+            condition, chosen = f"{side}_neural_foraminal_narrowing", {}
             for channel, level in zip(KIND_CHANNELS["foramen"], LEVELS):
                 candidates = np.flatnonzero(on_side)
                 if (condition, level) in expected:
                     near = np.flatnonzero(np.abs(stack.plane_distances(expected[(condition, level)])) <= window)
                     candidates = near if len(near) else candidates
                 if len(candidates):
-                    index = most_present(outputs, channel, candidates)
-                    found.append(point_on(volume, range(len(outputs)), outputs, index, channel, condition, level))
+                    chosen[level] = most_present(outputs, channel, candidates)
+            found += chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains)
     return found
+
+
+def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains=None):
+    """The points of one condition's levels, each on its chosen slice ({level: slice index} of the volume, whose
+    outputs and heatmaps are given), decoded as a chain: the places each level's heatmap offers are chosen jointly,
+    so that the five levels lie in order down the spine on five discs, with steps like the labels' (best_chain).
+    Without learned steps, or without all five levels, each level takes its own heatmap's peak.
+
+    With a list `chains`, records (condition, whether the peaks alone broke the chain, whether the chain does)."""
+    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    indices = range(len(outputs))
+    peaks = [
+        point_on(volume, indices, outputs, index, channels[level], condition, level) for level, index in chosen.items()
+    ]
+    steps = (localiser.level_steps_mm or {}).get(condition)
+    if steps is None or len(chosen) < len(LEVELS):
+        return peaks
+    kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
+    rows, columns = volume.stack.shape
+    places = {}  # {level: [((x, y) normalised, world point, score), ...]} on the level's slice
+    for level, index in chosen.items():
+        offered = heatmap_candidates(heatmaps[index], channels[level], kind_channels)
+        places[level] = [
+            (place, volume.stack.pixel_to_world(index, place[0] * columns - 0.5, place[1] * rows - 0.5), score)
+            for place, score in offered
+        ]
+    picks = None
+    if all(places.values()):
+        picks = best_chain([[(point, score) for _, point, score in places[level]] for level in LEVELS], steps)
+    chained = peaks
+    if picks is not None:
+        chained = [
+            point_on(volume, indices, outputs, chosen[level], channels[level], condition, level, places[level][pick][0])
+            for level, pick in zip(LEVELS, picks)
+        ]
+    if chains is not None:
+        before, after = ([point.world for point in points] for points in (peaks, chained))
+        chains.append((condition, chain_broken(before, steps), chain_broken(after, steps)))
+    return chained
+
+
+def heatmap_candidates(heatmaps, channel, kind_channels, count=CHAIN_CANDIDATES, window=LOCALISER_PEAK_WINDOW):
+    """Where a point may be on one slice, from its heatmap logits (height, width, channels): up to `count` places,
+    each a peak of this channel's map or of another level's (a disc another level sees may be this one's), as
+    ((x, y) normalised like the model's points, the log of this channel's probability at its cell). Each
+    place is refined as the model refines its peak, on the map that peaks there: that map's expected position within
+    `window` cells of the peak."""
+    height, width, _ = heatmaps.shape
+    logits = heatmaps.astype(np.float64)
+    probabilities = np.exp(logits - logits.max(axis=(0, 1)))
+    probabilities /= probabilities.sum(axis=(0, 1))
+    peaks = {}  # {(row, column): the map that refines it: this channel's where it peaks, else the surest other's}
+    for other in kind_channels:  # Cells above all eight neighbours: a flat map has none.
+        padded = np.pad(logits[..., other], 1, constant_values=-np.inf)
+        around = [padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)]
+        for cell in zip(*np.nonzero(logits[..., other] > np.max(around, axis=0))):
+            known = peaks.get(cell)
+            if (
+                known is None
+                or other == channel
+                or (known != channel and probabilities[(*cell, other)] > probabilities[(*cell, known)])
+            ):
+                peaks[cell] = other
+    # Scored by this channel's log probability at the peak's cell, so that its own highest cell, the model's point,
+    # always comes first: where the points already make a chain, decoding it changes nothing.
+    scored = [
+        (float(np.log(max(probabilities[row, column, channel], 1e-30))), row, column, other)
+        for (row, column), other in peaks.items()
+    ]
+    kept = []  # The best of peaks in neighbouring cells (two levels' maps peaking on one disc) is offered once.
+    for score, row, column, other in sorted(scored, reverse=True):
+        if len(kept) < count and all(max(abs(row - r), abs(column - c)) > 1 for _, r, c, _ in kept):
+            kept.append((score, row, column, other))
+    candidates = []
+    for score, row, column, other in kept:
+        rows = slice(max(row - window, 0), min(row + window + 1, height))
+        columns = slice(max(column - window, 0), min(column + window + 1, width))
+        weights = probabilities[rows, columns, other]
+        ys, xs = np.mgrid[rows, columns]
+        x = float(((xs + 0.5) * weights).sum() / weights.sum() / width)
+        y = float(((ys + 0.5) * weights).sum() / weights.sum() / height)
+        candidates.append(((x, y), score))
+    return candidates
+
+
+def best_chain(candidates, steps):
+    """The choice of one candidate per level with the highest total score among the chains the labels would draw:
+    each step between neighbouring levels plausible (plausible_steps). Where the levels' own best places already
+    make such a chain, it is kept as it is; where they do not (two levels on one disc, a level out of order, a disc
+    skipped), the levels that must move are those whose maps are the least sure.
+
+    candidates: per level, in LEVELS order, [(world point, score), ...]; steps: per neighbouring pair, the mean step
+    and its standard deviation (learn_level_steps). Returns the index chosen for each level, or None when no chain is
+    possible."""
+    best = [np.array([score for _, score in candidates[0]], float)]
+    back = []
+    for level in range(1, len(candidates)):
+        before = np.array([point for point, _ in candidates[level - 1]], float)
+        here = np.array([point for point, _ in candidates[level]], float)
+        plausible = plausible_steps(here[None] - before[:, None], steps[level - 1][0])
+        total = best[-1][:, None] + np.where(plausible, 0.0, -np.inf)
+        back.append(total.argmax(axis=0))
+        best.append(total.max(axis=0) + np.array([score for _, score in candidates[level]], float))
+    if not np.isfinite(best[-1]).any():
+        return None
+    chosen = [int(best[-1].argmax())]
+    for pointers in reversed(back):
+        chosen.append(int(pointers[chosen[-1]]))
+    return chosen[::-1]
+
+
+def plausible_steps(steps, mean):
+    """Whether each step (..., 3) in the world from one level down to the next is one the labels would draw: its
+    length within CHAIN_STEP_RANGE of the mean step's, its direction within CHAIN_STEP_ANGLE degrees of the mean's.
+    Two levels on one disc, a level above the one it belongs below, or a disc skipped, are not."""
+    mean = np.asarray(mean, float)
+    lengths, usual = np.linalg.norm(steps, axis=-1), np.linalg.norm(mean)
+    low, high = CHAIN_STEP_RANGE
+    along = (steps @ mean) / np.maximum(lengths * usual, 1e-9)
+    return (lengths >= low * usual) & (lengths <= high * usual) & (along >= np.cos(np.radians(CHAIN_STEP_ANGLE)))
+
+
+def chain_broken(points, steps):
+    """True when a chain of level points (world, in LEVELS order) has a step the labels would not draw."""
+    return not all(
+        plausible_steps(np.asarray(lower, float) - np.asarray(upper, float), mean)
+        for (mean, _), upper, lower in zip(steps, points, points[1:])
+    )
 
 
 def localise_axial(localiser, study, sagittal):
@@ -2873,10 +3071,7 @@ def localise_axial(localiser, study, sagittal):
     for volume in {id(volume): volume for volume, _, _ in matches.values()}.values():
         indices = sorted({each for level, match in matches.items() if match[0] is volume for each in near[level]})
         outputs.update(
-            {
-                (id(volume), each): output
-                for each, output in zip(indices, predict_slices(localiser.model, volume, indices))
-            }
+            {(id(volume), each): output for each, output in zip(indices, predict_slices(localiser, volume, indices)[0])}
         )
     found = []
     left, right = KIND_CHANNELS["recess"]
@@ -2939,19 +3134,21 @@ def most_present(outputs, channel, candidates):
 LOCALISER_PREDICT_BATCH = 16  # Slices per call: one fixed shape, so the graph is traced once, not per stack size.
 
 
-def predict_slices(model, volume, indices):
+def predict_slices(localiser, volume, indices):
     """The localiser's output (len(indices), channels, 3) for some slices of a volume, presence logits made
-    probabilities."""
+    probabilities, and its heatmap logits (len(indices), height, width, channels)."""
     images = localiser_input([triplet(volume, index) for index in indices])
-    outputs = []
+    outputs, heatmaps = [], []
     for start in range(0, len(images), LOCALISER_PREDICT_BATCH):
         chunk = images[start : start + LOCALISER_PREDICT_BATCH]
         padded = np.zeros((LOCALISER_PREDICT_BATCH, *chunk.shape[1:]), np.float32)
         padded[: len(chunk)] = chunk
-        outputs.append(np.asarray(model.predict_on_batch(padded), np.float64)[: len(chunk)])
+        output, heatmap = localiser.predictor.predict_on_batch(padded)
+        outputs.append(np.asarray(output, np.float64)[: len(chunk)])
+        heatmaps.append(np.asarray(heatmap, np.float32)[: len(chunk)])
     outputs = np.concatenate(outputs)
     outputs[..., 2] = 1.0 / (1.0 + np.exp(-outputs[..., 2]))
-    return outputs
+    return outputs, np.concatenate(heatmaps)
 
 
 @dataclass(frozen=True)
@@ -2984,11 +3181,11 @@ class LocalisedPoint:
         }
 
 
-def point_on(volume, indices, outputs, row, channel, condition, level):
-    """A LocalisedPoint on slice indices[row], from that slice's output channel (outputs[row]), in the slice's own
-    pixels; its severity mixes in the slices beside it among `indices`."""
+def point_on(volume, indices, outputs, row, channel, condition, level, place=None):
+    """A LocalisedPoint on slice indices[row], at `place` (normalised x, y) or else where that slice's output channel
+    (outputs[row]) puts it, in the slice's own pixels; its severity mixes in the slices beside it among `indices`."""
     rows, columns = volume.stack.shape
-    x, y, _ = outputs[row, channel]
+    x, y = outputs[row, channel, :2] if place is None else place
     indices = list(indices)
     slices = mixed_slices(indices, outputs[:, channel, 2], indices[row])
     return LocalisedPoint(condition, level, volume, indices[row], x * columns - 0.5, y * rows - 0.5, slices)
@@ -3070,6 +3267,28 @@ def learn_offsets(studies):
     return offsets
 
 
+def learn_level_steps(studies):
+    """{condition: [(mean, sd), ...]}: for the canal and each side's foramina, the step in the world (mm) from each
+    level's labelled point to the next one down, its mean and standard deviation (at least CHAIN_MIN_SD_MM) over the
+    labelled studies that have both."""
+    steps = {}
+    for condition in CHAIN_CONDITIONS:
+        pairs = []
+        for upper, lower in zip(LEVELS, LEVELS[1:]):
+            found = [
+                np.asarray(study.points[(condition, lower)]) - np.asarray(study.points[(condition, upper)])
+                for study in studies
+                if (condition, upper) in study.points and (condition, lower) in study.points
+            ]
+            if len(found) < 2:
+                break
+            sd = np.maximum(np.std(found, axis=0), CHAIN_MIN_SD_MM)
+            pairs.append((np.mean(found, axis=0).round(3).tolist(), sd.round(3).tolist()))
+        else:
+            steps[condition] = pairs
+    return steps
+
+
 def expected_points(points, offsets, kinds=("canal", "foramina")):
     """{(condition, level): world}: where the learned offsets put each foramen and recess, from the reference points
     that `points` hold (the canal's where found, else the foramina's)."""
@@ -3084,10 +3303,11 @@ def expected_points(points, offsets, kinds=("canal", "foramina")):
     return expected
 
 
-def localisation_metrics(found, studies):
+def localisation_metrics(found, studies, chains=None):
     """Localisation error on labelled studies, by condition group: the points' distance in mm, how many land
     within 5 and 10 mm, level swaps (a point nearer another level's true point than its own), and slices within
-    one instance of the labelled one (in the labelled series)."""
+    one instance of the labelled one (in the labelled series). With `chains` ({study_id: localise_study's record}),
+    also how many studies had a broken chain of levels in that group before decoding them as a chain, and after."""
     rows = []
     for study in studies:
         truth = study.points
@@ -3125,17 +3345,32 @@ def localisation_metrics(found, studies):
             "level_swaps": float(part["swap"].mean()),
             "slice_within_one": float(part["slice"].mean()),
         }
+    for group in metrics if chains else ():
+        for moment, column in (("before", 1), ("after", 2)):
+            broken = [
+                any(record[column] for record in records if condition_groups([record[0]]).iloc[0] == group)
+                for records in chains.values()
+            ]
+            metrics[group][f"studies_with_a_broken_chain_{moment}"] = int(sum(broken))
     return metrics
 
 
 def print_localisation(metrics, studies):
     print(f"\nlocalisation on {studies} validation studies (whole studies held out from the localiser)")
-    print(f"  {'group':<14}{'points':>7}{'median':>9}{'p90':>8}{'≤5 mm':>8}{'≤10 mm':>8}{'swaps':>7}{'slice±1':>9}")
+    print(
+        f"  {'group':<14}{'points':>7}{'median':>9}{'p90':>8}{'≤5 mm':>8}{'≤10 mm':>8}{'swaps':>7}{'slice±1':>9}"
+        "  studies with a broken chain: peaks → chain"
+    )
     for group, row in metrics.items():
+        chains = (
+            f"  {row['studies_with_a_broken_chain_before']} → {row['studies_with_a_broken_chain_after']}"
+            if "studies_with_a_broken_chain_before" in row
+            else ""
+        )
         print(
             f"  {group:<14}{row['points']:>7}{row['median_mm']:>7.1f}mm{row['p90_mm']:>6.1f}mm"
             f"{row['within_5mm']:>8.0%}{row['within_10mm']:>8.0%}{row['level_swaps']:>7.0%}"
-            f"{row['slice_within_one']:>9.0%}"
+            f"{row['slice_within_one']:>9.0%}{chains}"
         )
 
 

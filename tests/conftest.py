@@ -40,6 +40,16 @@ def random_weights():
     RANDOM_WEIGHTS.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def localiser_epochs_of_the_slices_there_are():
+    """The suite's competitions are tiny: their localisers train on the slices they have each epoch, without the
+    minimum per epoch (LOCALISER_MIN_SLICES_PER_EPOCH) that would quadruple their steps, so the suite stays fast."""
+    minimum = script.LOCALISER_MIN_SLICES_PER_EPOCH
+    script.LOCALISER_MIN_SLICES_PER_EPOCH = 0
+    yield
+    script.LOCALISER_MIN_SLICES_PER_EPOCH = minimum
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """Six training studies (150 rows) and one test study, 64 px."""
