@@ -2519,29 +2519,17 @@ def augment_localiser_sample(image, targets, kind, seed, augmentation):
 
 
 class LocaliserBatches(keras.utils.PyDataset):
-    """Training slices for the localiser: each epoch, `repeats` per study and series kind it has labels for (more
-    where that would give fewer than `minimum` slices), shuffled.
+    """Slices for the localiser, as its settings say. For training (augment): each epoch, localiser_slices_per_study
+    per study and series kind it has labels for (more where that would give fewer than localiser_min_slices_per_epoch
+    slices), shuffled, the slices warped with their points (augment_localiser_sample) and, for
+    localiser_intensity_share of them, their intensities varied as scanners and sequences vary them (vary_intensity).
+    Otherwise (the BatchNormalization statistics): one slice per study and series kind, as drawn.
 
-    Half are drawn at or next to a labelled slice and half anywhere in the stack, so the presence head sees both.
-    With augment, the slices are warped and the points move with them (augment_localiser_sample), and their
-    intensities are varied as scanners and sequences vary them (vary_intensity, with `intensity`), for
-    `intensity_share` of them.
+    A share of them (localiser_labelled_share) is drawn at or next to a labelled slice and the rest anywhere in the
+    stack, so the presence head sees both.
     """
 
-    def __init__(
-        self,
-        studies,
-        batch_size,
-        seed=0,
-        augment=False,
-        augmentation=None,
-        workers=1,
-        repeats=1,
-        labelled_share=LOCALISER_LABELLED_SHARE,
-        intensity=None,
-        minimum=0,
-        intensity_share=1.0,
-    ):
+    def __init__(self, studies, settings, seed=0, augment=False, workers=1):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
         items = [
             (number, kind)
@@ -2549,9 +2537,8 @@ class LocaliserBatches(keras.utils.PyDataset):
             for kind in study.volumes
             if any(CONDITION_KIND[condition] == kind for condition, _ in study.points)
         ]
-        self.studies, self.batch_size, self.seed = studies, batch_size, seed
-        self.augment, self.augmentation, self.labelled_share = augment, augmentation, labelled_share
-        self.intensity, self.intensity_share = intensity, intensity_share
+        self.studies, self.settings, self.seed, self.augment = studies, settings, seed, augment
+        self.batch_size = settings.localiser_batch_size
         # The slices a labelled point is present on, per item: drawn from half the time.
         labelled = [
             [
@@ -2562,7 +2549,10 @@ class LocaliserBatches(keras.utils.PyDataset):
             ]
             for number, kind in items
         ]
-        repeats = max(repeats, math.ceil(minimum / max(len(items), 1)))
+        repeats = 1
+        if augment:
+            minimum = math.ceil(settings.localiser_min_slices_per_epoch / max(len(items), 1))
+            repeats = max(settings.localiser_slices_per_study, minimum)
         self.items, self.labelled = repeats * items, repeats * labelled
         self.start_epoch(0)
 
@@ -2580,7 +2570,7 @@ class LocaliserBatches(keras.utils.PyDataset):
         study = self.studies[number]
         rng = np.random.default_rng([self.seed, self.epoch if self.augment else 0, item])
         labelled = self.labelled[item]
-        if labelled and rng.random() < self.labelled_share:
+        if labelled and rng.random() < self.settings.localiser_labelled_share:
             volume, index = labelled[rng.integers(len(labelled))]
             index = int(np.clip(index + rng.choice([-1, 0, 0, 0, 1]), 0, len(volume.images) - 1))
         else:
@@ -2588,9 +2578,10 @@ class LocaliserBatches(keras.utils.PyDataset):
             index = int(rng.integers(len(volume.images)))
         image, targets = triplet(volume, index), slice_targets(study, kind, volume, index)
         if self.augment:
-            image, targets = augment_localiser_sample(image, targets, kind, int(rng.integers(2**31)), self.augmentation)
-            if self.intensity and rng.random() < self.intensity_share:
-                image = vary_intensity(image, rng, self.intensity)
+            settings, seed = self.settings, int(rng.integers(2**31))
+            image, targets = augment_localiser_sample(image, targets, kind, seed, settings.localiser_augmentation)
+            if rng.random() < settings.localiser_intensity_share:
+                image = vary_intensity(image, rng, settings.localiser_intensity_augmentation)
         return image, targets
 
     def __getitem__(self, index):
@@ -2758,19 +2749,7 @@ def fit_localiser(studies, settings, options, progress):
     finished epoch (its state is saved after every epoch); returns the model, BatchNormalization recalibrated on
     unaugmented training slices."""
     weights, _ = resolve_weights(settings.weights)
-    batches = LocaliserBatches(
-        studies,
-        settings.localiser_batch_size,
-        options.seed,
-        True,
-        settings.localiser_augmentation,
-        options.workers,
-        settings.localiser_slices_per_study,
-        settings.localiser_labelled_share,
-        settings.localiser_intensity_augmentation,
-        settings.localiser_min_slices_per_epoch,
-        settings.localiser_intensity_share,
-    )
+    batches = LocaliserBatches(studies, settings, options.seed, augment=True, workers=options.workers)
     model = build_localiser(
         settings.localiser_image_size,
         weights,
@@ -2791,7 +2770,7 @@ def fit_localiser(studies, settings, options, progress):
         run_phase(trainer, (batches, None, None), 1, 0, settings.localiser_epochs, progress)
     restore_best_weights(trainer, progress)  # Without validation: the last epoch's.
     if learning_batch_normalizations(model):
-        statistics = LocaliserBatches(studies, settings.localiser_batch_size, options.seed + 1, workers=options.workers)
+        statistics = LocaliserBatches(studies, settings, options.seed + 1, workers=options.workers)
         recalibrate_batch_normalization(model, statistics)
     return model
 

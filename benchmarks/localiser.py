@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -119,7 +120,11 @@ def main():
         )
         for study_id in sorted(train_series)
     ] * 8
-    batches = script.LocaliserBatches(studies, script.LOCALISER_BATCH_SIZE, 0, True, script.LOCALISER_AUGMENTATION, 2)
+    _, options = script.parse_arguments([])
+    settings = replace(
+        script.localiser_settings(options), localiser_slices_per_study=1, localiser_min_slices_per_epoch=0
+    )
+    batches = script.LocaliserBatches(studies, settings, 0, augment=True, workers=2)
     trainer = script.localiser_trainer(localiser.model)
     trainer.compile(optimizer="adam", loss=[script.localiser_loss, script.heatmap_loss])
     trainer.fit(batches, epochs=1, verbose=0)

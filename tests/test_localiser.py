@@ -4,6 +4,7 @@ run; `localise` writes train_label_coordinates.csv's format; and localise → pr
 every test study, at the points it found."""
 
 import json
+from dataclasses import replace
 
 import anatomy_synthetic as A
 import numpy as np
@@ -226,5 +227,11 @@ def test_a_small_competition_still_gets_its_minimum_of_training_slices_an_epoch(
         script.LocaliserStudy(str(number), {"canal": [a_stack(5)]}, {("spinal_canal_stenosis", "l1_l2"): (8.0, 0, 0)})
         for number in range(2)
     ]
-    assert len(script.LocaliserBatches(studies, 8, repeats=2).items) == 4
-    assert len(script.LocaliserBatches(studies, 8, repeats=2, minimum=19).items) == 20
+    _, options = script.parse_arguments([])
+    settings = script.localiser_settings(options)
+    few = replace(settings, localiser_slices_per_study=2, localiser_min_slices_per_epoch=0)
+    assert len(script.LocaliserBatches(studies, few, augment=True).items) == 4
+    assert (
+        len(script.LocaliserBatches(studies, replace(few, localiser_min_slices_per_epoch=19), augment=True).items) == 20
+    )
+    assert len(script.LocaliserBatches(studies, few).items) == 2  # The statistics: one slice per study and kind.
