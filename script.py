@@ -4127,10 +4127,12 @@ def train(options):
     crops are given, and the run starts at the severity model."""
     started = time.time()
     competition = options.data_dir if is_competition_layout(options.data_dir) else None
+    settings = severity_settings(options)  # Checked first: a bad config block is refused before any work.
+    localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
     if competition:
         refuse_missing_test_listing(competition, "train", options.no_test)
         options.data_dir = prepare_split(competition, options.output_dir / "prepared", "train", None, options.workers)
-    run = start_run(options, competition)
+    run = start_run(options, settings, localiser_run, competition)
     if competition:
         localiser, run.localisation = localiser_for_run(
             competition, run.table, run.folds[0][1], run.localiser_settings, options, run.output_dir
@@ -4151,11 +4153,9 @@ def train(options):
     return 0
 
 
-def start_run(options, competition):
-    """Check everything a training run needs before it spends time: the settings, the tables, the weights, the split,
-    the devices and the output folder; then start its resumable state, or check that --resume continues one."""
-    settings = severity_settings(options)
-    localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
+def start_run(options, settings, localiser_run, competition):
+    """Check everything a training run needs before it spends time (the tables, the weights, the split, the devices
+    and the output folder), then start its resumable state, or check that --resume continues one."""
     table = load_train_table(options.data_dir, options.skip_bad_images)
     test_table = None if competition else load_test_table_unless(options.no_test, options.data_dir)
     weights, weights_source = resolve_weights(settings.weights)

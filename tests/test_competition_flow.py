@@ -155,3 +155,29 @@ def test_training_on_the_competition_folder_prepares_it_first(competition, prepa
     submission = read_csv(trained_from_competition / "submission.csv")
     assert len(submission) == ROWS_PER_STUDY * len(competition.test_study_ids)
     assert set(submission["row_id"]) == competition_row_ids(competition.test_study_ids)
+
+
+def test_a_misspelt_localiser_augmentation_is_refused_before_anything_is_prepared(
+    competition, tmp_path, monkeypatch, capsys
+):
+    """LOCALISER_AUGMENTATION is checked as AUGMENTATION is: one line naming the key, exit 2, and no output folder,
+    before the competition's crops are prepared, not after the localiser has started."""
+    monkeypatch.setitem(script.LOCALISER_AUGMENTATION, "rotaton_range", 10)
+    output_dir = tmp_path / "output"
+    assert (
+        script.main(
+            [
+                *QUICK_RUN,
+                "--localiser-epochs",
+                "1",
+                "--data-dir",
+                str(competition.root),
+                "--output-dir",
+                str(output_dir),
+            ]
+        )
+        == 2
+    )
+    message = capsys.readouterr().err
+    assert message.startswith("error: LOCALISER_AUGMENTATION: rotaton_range not supported") and message.count("\n") == 1
+    assert not output_dir.exists()
