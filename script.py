@@ -2285,8 +2285,9 @@ def localiser_for_run(competition, table, validation_rows, settings, options, ou
     def read(studies):
         return read_localiser_studies(competition, "train", studies, size, coordinates, options.workers, cache_dir)
 
-    training = read([study for study in labelled if study not in validation])
-    count_unused_labels(coordinates, [study for study in labelled if study not in validation], training)
+    training_ids = [study for study in labelled if study not in validation]
+    training = read(training_ids)
+    count_unused_labels(coordinates, training_ids, training)
     if not training:
         print(
             f"warning: localiser: no training study in {competition} has a labelled series it can read (Sagittal T1, "
