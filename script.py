@@ -78,6 +78,7 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import platform
 import re
 import shlex
@@ -104,6 +105,11 @@ with native_stderr_silenced():  # keras imports TensorFlow, whose two native lib
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+# OpenCV's own thread pool does not survive fork(): a forked worker (decoding_pool) that inherits it can wait forever
+# (opencv/opencv#5150). The images it handles here are small and the script runs them on its own threads, so OpenCV
+# runs each call on one thread and never starts that pool.
+cv2.setNumThreads(0)
+
 
 # == 1. config =========================================================================================================
 
@@ -116,7 +122,7 @@ OUTPUT_DIR = None  # None: ".", or /kaggle/working on Kaggle.
 VAL_FRACTION = 0.2  # share of training studies held out for validation
 FOLDS = 1  # K > 1: K models on study-grouped folds, out-of-fold predictions, test averaged
 SEED = 42  # splits, shuffling, augmentation and initialisation
-WORKERS = os.cpu_count() or 1  # threads that read and augment images
+WORKERS = os.cpu_count() or 1  # processes that decode DICOMs, threads that read and augment images
 STRATEGY = "auto"  # one of STRATEGIES: how training spreads over devices
 PRECISION = "auto"  # one of PRECISIONS
 
@@ -129,11 +135,7 @@ LEARNING_RATE = 1e-3  # Adam, phase 1
 FINE_TUNE_LEARNING_RATE = 1e-5  # Adam, phase 2: small, so pretrained features are nudged, not destroyed
 FINE_TUNE_LAYERS = 10  # base layers that learn in phase 2 when pretrained (BatchNormalization stays frozen)
 WEIGHTS = "imagenet"  # imagenet | none | a path to ResNet50 notop weights
-CLASS_WEIGHTS = (
-    1.0,
-    2.0,
-    4.0,
-)  # loss weight per true class: the metric's LABEL_WEIGHTS, so training aims at the metric
+CLASS_WEIGHTS = (1.0, 2.0, 4.0)  # loss weight per true class: as the metric's LABEL_WEIGHTS, so training aims at it
 BATCH_NORMALIZATION_IMAGES = 512  # unaugmented training images that set BatchNormalization's statistics each epoch
 HEAD_UNITS = 128  # the seed's head: Flatten → Dense(HEAD_UNITS) → Dropout(HEAD_DROPOUT) → Dense(3, softmax)
 HEAD_DROPOUT = 0.5
@@ -1073,24 +1075,6 @@ def read_stacks(series_dir):
     return sorted(stacks, key=lambda stack: -len(stack.slices))
 
 
-def nearest_slice(stacks, point, within=None):
-    """(stack, index, x, y, distance) of the slice nearest a world point along its normal, among those whose
-    image holds the point's projection, across all the given stacks; None if there is none (or none within
-    `within` mm)."""
-    best = None
-    for stack in stacks:
-        distances = stack.plane_distances(point)
-        for index in np.argsort(np.abs(distances)):
-            x, y, distance = stack.world_to_pixel(point, index)
-            if stack.contains(x, y):
-                if best is None or abs(distance) < abs(best[4]):
-                    best = (stack, int(index), x, y, distance)
-                break
-    if best is None or (within is not None and abs(best[4]) > within):
-        return None
-    return best
-
-
 # The level localiser reads whole series: every slice windowed like prepare's crops, resized to the localiser's
 # square input and kept as uint8 (LOCALISER_IMAGE_SIZE² bytes a slice), each stack with its geometry.
 
@@ -1148,6 +1132,11 @@ def study_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir=No
         return volumes
     write_cached_volumes(cache_dir, study_id, volumes, source)
     return read_cached_volumes(cache_dir, study_id, images_dir, source)  # Memory-mapped: RAM stays flat in studies.
+
+
+def cache_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir):
+    """Make sure a study's volumes are in the cache (a worker process's job: nothing but that comes back)."""
+    study_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir)
 
 
 def volume_sources(study_dir, series_by_kind, image_size):
@@ -1473,19 +1462,17 @@ def refresh_crop_record(crops_dir, sources):
 
 
 def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
-    """Run the series tasks on a thread pool with a progress bar; returns one result per task.
+    """Run the series tasks on `workers` processes (decoding_pool) with a progress bar; returns one result per task.
 
-    Threads rather than processes: most of the time goes to file I/O, NumPy and OpenCV, which
-    release the GIL, processes measured no faster, and threads also work from a notebook.
     On a terminal the progress is a bar; in a saved log or a notebook, a plain line every tenth of the crops.
     """
     total = sum(len(task.crops) for task in tasks)
     progress = keras.utils.Progbar(total, unit_name="crop") if sys.stdout.isatty() else None
-    crop_one_series = functools.partial(crop_series, crop_mm=crop_mm, crop_pixels=crop_pixels)
     results, done, tenths = [], 0, 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
-        for task, result in zip(tasks, executor.map(crop_one_series, tasks)):
-            results.append(result)
+    with decoding_pool(workers) as pool:
+        futures = [pool.submit(crop_series, task, crop_mm, crop_pixels) for task in tasks]
+        for task, future in zip(tasks, futures):
+            results.append(result_of_worker(future, futures, [str(task.series_dir) for task in tasks]))
             done += len(task.crops)
             if progress is not None:
                 progress.add(len(task.crops))
@@ -1493,6 +1480,63 @@ def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
                 tenths = done * 10 // total
                 print(f"crops: {done:,}/{total:,} ({done / total:.0%})", flush=True)
     return results
+
+
+def decoding_pool(workers):
+    """Where DICOMs are decoded in parallel: `workers` processes, since pydicom holds Python's lock (threads gave
+    about 1.2x at 2 workers). They are forked, so they need nothing importable (the script may be a notebook cell),
+    and only read files and run NumPy and OpenCV, never TensorFlow. Threads where fork is missing (Windows; macOS
+    does not fork by default), and for one worker."""
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        return DecodingProcesses(workers, mp_context=multiprocessing.get_context("fork"))
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+
+WORKER_STALL_SECONDS = 600  # one series or study a worker has not decoded in this long: it is stuck, not slow
+
+
+class DecodingProcesses(concurrent.futures.ProcessPoolExecutor):
+    """Worker processes that, when the run stops with an error (result_of_worker), are stopped with it rather than
+    waited for: a stuck worker must not keep the run from ending."""
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            return super().__exit__(kind, error, traceback)
+        for process in list((getattr(self, "_processes", None) or {}).values()):
+            process.terminate()
+        self.shutdown(wait=False, cancel_futures=True)
+        return False
+
+
+class InlinePool:
+    """A pool's submit() that runs the job at once, in the calling thread."""
+
+    def submit(self, function, *arguments):
+        future = concurrent.futures.Future()
+        future.set_result(function(*arguments))
+        return future
+
+
+def result_of_worker(future, futures, names):
+    """A pooled task's result. A worker process that dies (out of memory, a crash inside a decoder) or stalls for
+    WORKER_STALL_SECONDS ends the run with the series it may have been reading named, rather than a traceback or a
+    hang; what was written is whole (atomic writes)."""
+    try:
+        return future.result(timeout=WORKER_STALL_SECONDS)
+    except (concurrent.futures.BrokenExecutor, concurrent.futures.TimeoutError) as error:
+        pending = [name for name, other in zip(names, futures) if not other.done() or unfinished(other)]
+        what = "died (out of memory, or a crash in a DICOM decoder)"
+        if isinstance(error, concurrent.futures.TimeoutError):
+            what = f"has not finished one task in {WORKER_STALL_SECONDS} s"
+        raise InputError(
+            f"a worker process {what} while reading one of {list_some(pending)}. Rerun with --workers 1 (one "
+            "thread, no worker processes) to find the file, or free memory."
+        ) from None
+
+
+def unfinished(future):
+    """A done future that brought no result: cancelled, or ended by an error."""
+    return future.cancelled() or future.exception() is not None
 
 
 def undecodable_by_cause(undecodable_files):
@@ -2259,6 +2303,85 @@ if not any(getattr(known, "__name__", "") == "keep_tensorflow_record" for known 
     tf.get_logger().addFilter(keep_tensorflow_record)
 
 
+# How long a run will take, said before it starts: the images each model trains on, times a training step's cost per
+# image measured here on ResNet50 at each model's input size, plus decoding every DICOM a few times. Runs too small to
+# matter (fewer image-steps than ESTIMATE_FROM_IMAGE_STEPS) are not measured. It is an estimate within perhaps a
+# factor of 1.5: the localiser's pyramid, the frozen base of phase 1 and the input pipeline are not in it.
+ESTIMATE_FROM_IMAGE_STEPS = 20_000
+KAGGLE_HOURS = 9  # a Kaggle notebook's limit
+# A localiser step per slice against plain ResNet50's per image at its size: its pyramid, heatmap head and warps
+# (0.098-0.115 s a slice in benchmarks/localiser.py against the probe's 0.042 s at 128 px, 2 cores, 2026-12-04).
+LOCALISER_STEP_COST = 2.5
+DICOM_READS_PER_FILE = 3  # prepare's headers and crops, the localiser's slices (until each file is read once)
+
+
+def print_time_estimate(run, competition):
+    """One line before a long run: about how long it takes on this machine, by stage; and, beyond Kaggle's limit,
+    what to change."""
+    settings, localiser = run.settings, run.localiser_settings
+    severity_images = sum(len(training) for training, _ in run.folds) * (settings.epochs + settings.fine_tune_epochs)
+    localiser_images = 0
+    if localiser is not None:
+        studies = len(study_ids(run.table["row_id"].iloc[run.folds[0][0]]))
+        per_epoch = max(3 * studies * localiser.localiser_slices_per_study, localiser.localiser_min_slices_per_epoch)
+        localiser_images = localiser.localiser_epochs * per_epoch
+    if severity_images + localiser_images < ESTIMATE_FROM_IMAGE_STEPS:
+        return None
+    hours = {
+        "reading the DICOMs": reading_seconds(competition) / 3600 if competition else 0.0,
+        "localiser": localiser_images * LOCALISER_STEP_COST * seconds_per_slice(localiser) / 3600,
+        "severity model": severity_images * training_seconds_per_image(settings.image_size) / 3600,
+    }
+    total = sum(hours.values())
+    stages = ", ".join(f"{name} {value:.1f} h" for name, value in hours.items() if value)
+    line = f"estimate: about {total:.1f} h on this machine ({stages}), from a quick measurement"
+    if total > KAGGLE_HOURS:
+        on_cpu = "" if tf.config.list_logical_devices("GPU") else " on this CPU"
+        line += (
+            f"; beyond a Kaggle notebook's {KAGGLE_HOURS}-hour limit{on_cpu}. Train on a GPU, or lower --epochs, "
+            "--fine-tune-epochs, --localiser-epochs or --image-size (each scales its stage)"
+        )
+    print(line)
+    return total
+
+
+def seconds_per_slice(localiser):
+    """The probe's seconds per image at the localiser's input size; 0 without a localiser."""
+    return training_seconds_per_image(localiser.localiser_image_size) if localiser else 0.0
+
+
+def training_seconds_per_image(image_size, batch=8):
+    """Seconds per image of a training step of ResNet50 at image_size on this machine's default device: two steps
+    timed after one that builds and traces it."""
+    network = keras.applications.ResNet50(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3), pooling="avg"
+    )
+    network.compile(optimizer="adam", loss="mse")
+    images = np.random.default_rng(0).random((batch, image_size, image_size, 3), np.float32)
+    targets = np.zeros((batch, network.output_shape[-1]), np.float32)
+    network.train_on_batch(images, targets)
+    started = time.perf_counter()
+    for _ in range(2):
+        network.train_on_batch(images, targets)
+    seconds = (time.perf_counter() - started) / (2 * batch)
+    keras.backend.clear_session()
+    return seconds
+
+
+def reading_seconds(competition, sample=8):
+    """Seconds to read the competition's DICOMs DICOM_READS_PER_FILE times: a few files decoded and timed, times
+    their number."""
+    paths = sorted((competition / "train_images").glob("*/*/*.dcm")) + sorted(
+        (competition / "test_images").glob("*/*/*.dcm")
+    )
+    if not paths:
+        return 0.0
+    chosen = paths[:: max(1, len(paths) // sample)][:sample]
+    started = time.perf_counter()
+    read_slice_files(dict(enumerate(chosen)))
+    return (time.perf_counter() - started) / len(chosen) * len(paths) * DICOM_READS_PER_FILE
+
+
 # == 8. the level localiser ============================================================================================
 
 
@@ -2356,6 +2479,22 @@ TARGET_FIELDS = ("x", "y", "coordinate_mask", "presence", "presence_mask")
 X, Y, COORDINATE_MASK, PRESENCE, PRESENCE_MASK = range(len(TARGET_FIELDS))
 
 
+def to_unit(x, y, shape):
+    """A point in the pixels of an image of shape (rows, columns) as the localiser's normalised (x, y): the image's
+    edges at 0 and 1, so pixel centres sit at (i + 0.5) / n, whatever the image's size."""
+    return (x + 0.5) / shape[1], (y + 0.5) / shape[0]
+
+
+def from_unit(x, y, shape):
+    """A normalised (x, y) (to_unit) in the pixels of an image of shape (rows, columns)."""
+    return x * shape[1] - 0.5, y * shape[0] - 0.5
+
+
+def resized_pixel(shape, resized_shape, x, y):
+    """A pixel (x, y) of an image of `shape`, in that image resized to `resized_shape`."""
+    return from_unit(*to_unit(x, y, shape), resized_shape)
+
+
 @dataclass
 class LocaliserStudy:
     """One study as the localiser sees it: every stack of every series of each kind, and its label points."""
@@ -2370,15 +2509,24 @@ class LocaliserStudy:
 def read_localiser_studies(
     competition_dir, split, study_ids, image_size, coordinates=None, workers=WORKERS, cache_dir=None
 ):
-    """The localiser's view of some studies of a split, read on a thread pool (through the slice cache in cache_dir,
-    when one is given); studies without any series it reads are left out."""
+    """The localiser's view of some studies of a split, read on a thread pool; studies without any series it reads
+    are left out. With a slice cache (cache_dir), the studies it lacks are first decoded into it by `workers`
+    processes (decoding_pool), then every study is read back from it, memory-mapped."""
     series = study_series(read_series_descriptions(competition_dir, split))
     study_ids = [study_id for study_id in study_ids if study_id in series]
     by_study = dict(tuple(coordinates.groupby("study_id"))) if coordinates is not None else {}
+    images_dir = competition_dir / f"{split}_images"
+    if cache_dir is not None:
+        with decoding_pool(workers) as pool:
+            futures = [
+                pool.submit(cache_volumes, images_dir, study_id, series[study_id], image_size, cache_dir)
+                for study_id in study_ids
+            ]
+            for future in futures:
+                result_of_worker(future, futures, [str(images_dir / study_id) for study_id in study_ids])
 
     def read(study_id):
         labels = by_study.get(study_id, coordinates.iloc[:0]) if coordinates is not None else None
-        images_dir = competition_dir / f"{split}_images"
         return read_localiser_study(images_dir, study_id, series[study_id], image_size, labels, cache_dir)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
@@ -2446,7 +2594,6 @@ def slice_targets(study, kind, volume, index):
     targets = np.zeros((len(LOCALISER_CHANNELS), len(TARGET_FIELDS)), np.float32)
     stack = volume.stack
     spacing = abs(stack.slice_spacing) or 3.0
-    rows, columns = stack.shape
     for channel in KIND_CHANNELS[kind]:
         candidates = channel_candidates(study, channel)
         if not candidates:
@@ -2458,7 +2605,7 @@ def slice_targets(study, kind, volume, index):
         targets[channel, PRESENCE] = float(nearest == index and abs(distance) <= spacing)
         targets[channel, PRESENCE_MASK] = 1.0
         if abs(distance) <= 1.5 * spacing and stack.contains(x, y):
-            targets[channel, [X, Y, COORDINATE_MASK]] = ((x + 0.5) / columns, (y + 0.5) / rows, 1.0)
+            targets[channel, [X, Y, COORDINATE_MASK]] = (*to_unit(x, y, stack.shape), 1.0)
     return targets
 
 
@@ -2506,9 +2653,9 @@ def augment_localiser_sample(image, targets, kind, seed, augmentation):
         borderValue=0,
     )
     targets = targets.copy()
-    pixels = np.c_[targets[:, [X, Y]] * size - 0.5, np.ones(len(targets))]
+    pixels = np.c_[np.transpose(from_unit(targets[:, X], targets[:, Y], (size, size))), np.ones(len(targets))]
     moved = pixels @ np.linalg.inv(matrix).T  # The warp maps output pixels to input ones; points go the other way.
-    targets[:, [X, Y]] = (moved[:, :2] + 0.5) / size
+    targets[:, [X, Y]] = np.transpose(to_unit(moved[:, 0], moved[:, 1], (size, size)))
     outside = ((targets[:, [X, Y]] < 0) | (targets[:, [X, Y]] > 1)).any(axis=1)
     targets[outside, COORDINATE_MASK] = 0.0
     if kind == "recess" and np.random.default_rng(seed).random() < 0.5:
@@ -2925,12 +3072,11 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chai
     if steps is None or len(chosen) < len(LEVELS):
         return peaks
     kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
-    rows, columns = volume.stack.shape
     places = {}  # {level: [((x, y) normalised, world point, score), ...]} on the level's slice
     for level, index in chosen.items():
         offered = heatmap_candidates(heatmaps[index], channels[level], kind_channels)
         places[level] = [
-            (place, volume.stack.pixel_to_world(index, place[0] * columns - 0.5, place[1] * rows - 0.5), score)
+            (place, volume.stack.pixel_to_world(index, *from_unit(*place, volume.stack.shape)), score)
             for place, score in offered
         ]
     picks = None
@@ -3164,11 +3310,10 @@ class LocalisedPoint:
 def point_on(volume, indices, outputs, row, channel, condition, level, place=None):
     """A LocalisedPoint on slice indices[row], at `place` (normalised x, y) or else where that slice's output channel
     (outputs[row]) puts it, in the slice's own pixels; its severity mixes in the slices beside it among `indices`."""
-    rows, columns = volume.stack.shape
-    x, y = outputs[row, channel, :2] if place is None else place
+    x, y = from_unit(*(outputs[row, channel, :2] if place is None else place), volume.stack.shape)
     indices = list(indices)
     slices = mixed_slices(indices, outputs[:, channel, 2], indices[row])
-    return LocalisedPoint(condition, level, volume, indices[row], x * columns - 0.5, y * rows - 0.5, slices)
+    return LocalisedPoint(condition, level, volume, indices[row], x, y, slices)
 
 
 def mixed_slices(indices, presences, chosen):
@@ -3377,22 +3522,15 @@ def save_localisation_plot(found, studies, output_dir, count=3):
             if not labelled:
                 continue
             volume, index = labelled[0][1]  # The first labelled slice of this kind, and every point on it.
-            size = volume.images.shape[1]
-            rows, columns = volume.stack.shape
+            on_image = functools.partial(resized_pixel, volume.stack.shape, volume.images.shape[1:])
             axis.imshow(volume.images[index], cmap="gray")
             for (condition, level), (other, other_index) in labelled:
                 if other is volume and other_index == index:
                     x, y, _ = volume.stack.world_to_pixel(study.points[(condition, level)], index)
-                    axis.plot((x + 0.5) * size / columns - 0.5, (y + 0.5) * size / rows - 0.5, "o", color="lime", ms=4)
+                    axis.plot(*on_image(x, y), "o", color="lime", ms=4)
             for point in points:
                 if point.volume is volume and point.index == index:
-                    axis.plot(
-                        (point.x + 0.5) * size / columns - 0.5,
-                        (point.y + 0.5) * size / rows - 0.5,
-                        "x",
-                        color="red",
-                        ms=5,
-                    )
+                    axis.plot(*on_image(point.x, point.y), "x", color="red", ms=5)
             axis.set_title(
                 f"{study.study_id} {kind}, instance {volume.stack.slices[index].instance_number}", fontsize="small"
             )
@@ -3722,10 +3860,14 @@ def predict_probabilities(model, image_paths, options, skip_bad_images=False):
         if failure:
             raise failure from None
         raise
-    probabilities = np.maximum(probabilities, PREDICTION_FLOOR)  # Never exactly 0: see PREDICTION_FLOOR.
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
     predicted = ~np.isin(image_paths, list(batches.skipped))
-    return probabilities[predicted], predicted
+    return floored(probabilities)[predicted], predicted
+
+
+def floored(probabilities):
+    """Probabilities raised to at least PREDICTION_FLOOR (never exactly 0: see PREDICTION_FLOOR), summing to 1."""
+    probabilities = np.maximum(probabilities, PREDICTION_FLOOR)
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -4080,7 +4222,7 @@ def severity_at_found_points(report, model_path, table, validation_rows, options
         return {}
     model = load_saved_model(model_path)
     at_crops = predict_probabilities(model, [str(found_dir / path) for path in points["image_path"]], options)[0]
-    row_ids, at_found = row_probabilities(points, at_crops, constants={})
+    row_ids, at_found, _ = row_probabilities(points, at_crops, constants={})
     at_labelled = predict_probabilities(model, labelled.loc[row_ids, "image_path"].tolist(), options)[0]
     keras.backend.clear_session()
     truth = labels_frame(row_ids, labelled.loc[row_ids, "label"])
@@ -4092,8 +4234,8 @@ def severity_at_found_points(report, model_path, table, validation_rows, options
 
 
 def row_probabilities(test_table, image_probabilities, constants):
-    """(row_ids in test.csv's order, their probabilities): the models' for a row with an image (the CROP_WEIGHT-
-    weighted mean where a row lists several), the best constant for a row without one."""
+    """(row_ids in test.csv's order, their probabilities, how many rows got a constant): the models' for a row with
+    an image (the CROP_WEIGHT-weighted mean where a row lists several), the best constant for a row without one."""
     has_image = test_table["image_path"].notna().to_numpy()
     weights = test_table[CROP_WEIGHT].to_numpy(float) if CROP_WEIGHT in test_table else np.ones(len(test_table))
     row_ids = pd.Series(pd.unique(test_table["row_id"]), name="row_id")
@@ -4104,9 +4246,14 @@ def row_probabilities(test_table, image_probabilities, constants):
     probabilities = sums / np.where(totals > 0, totals, 1.0)[:, None]
     without = totals == 0
     if without.any():
-        print(f"test.csv: {int(without.sum())} row(s) without an image get their location's best constant.")
         probabilities[without] = constant_predictions(row_ids[without], constants)
-    return row_ids, probabilities
+    return row_ids, probabilities, int(without.sum())
+
+
+def print_constant_rows(count, where):
+    """One line for the rows that got their location's best constant, for want of a crop."""
+    if count:
+        print(f"{where}: {count} row(s) without an image get their location's best constant.")
 
 
 def write_submission(row_ids, probabilities, path):
@@ -4134,6 +4281,7 @@ def train(options):
         refuse_missing_test_listing(competition, "train", options.no_test)
         options.data_dir = prepare_split(competition, options.output_dir / "prepared", "train", None, options.workers)
     run = start_run(options, settings, localiser_run, competition)
+    print_time_estimate(run, competition)
     if competition:
         localiser, run.localisation = localiser_for_run(
             competition, run.table, run.folds[0][1], run.localiser_settings, options, run.output_dir
@@ -4224,7 +4372,8 @@ def write_training_outputs(run, results):
         print("\nno validation rows (--val-fraction 0): the model is the last epoch's and nothing is scored.")
     if len(run.test_table):
         test_probabilities = np.mean([result.test_probabilities for result in results], axis=0)
-        row_ids, probabilities = row_probabilities(run.test_table, test_probabilities, constants)
+        row_ids, probabilities, constant_rows = row_probabilities(run.test_table, test_probabilities, constants)
+        print_constant_rows(constant_rows, "test.csv")
         artifacts["submission"] = write_submission(row_ids, probabilities, output_dir / "submission.csv")
     else:
         print("no test set (--no-test): no submission.csv written.")
@@ -4326,6 +4475,7 @@ RUN_OUTPUT_FILES = (
     "confusion_matrix.png",
 )
 LOCALISER_OUTPUT_FILES = ("localiser.keras", "localiser.json", "localisation.png")  # With a competition folder.
+FOUND_POINTS_FILE = "test_coordinates.csv"  # predict's, beside its submission: where it graded each test row.
 
 
 def listed_outputs(output_dir):
@@ -4343,6 +4493,7 @@ def remove_earlier_outputs(output_dir):
     names = {
         *RUN_OUTPUT_FILES,
         *LOCALISER_OUTPUT_FILES,
+        FOUND_POINTS_FILE,
         *listed_outputs(output_dir),
         *(path.name for path in output_dir.glob("model_fold*.keras")),
     }
@@ -4364,14 +4515,23 @@ def predict(options):
     the best constants and whose localiser.keras finds the points of the competition's test studies."""
     options.model = model_files(options.model)
     run_dir = options.model[0].parent
+    points = None
     if is_competition_layout(options.data_dir):
-        competition = options.data_dir
-        refuse_missing_test_listing(competition, "predict")
-        localiser = find_localiser(options.localiser, options.model)
-        options.data_dir = options.output_dir / "prepared"
-        cache_dir = slice_cache(options.output_dir, "test")
-        prepare_test_split(competition, options.data_dir, localiser, options.workers, cache_dir)
-        keras.backend.clear_session()
+        row_ids, probabilities, points = predict_competition(options, run_dir)
+    else:
+        row_ids, probabilities = predict_test_csv(options, run_dir)
+    output_dir = prepare_output_dir(options.output_dir)  # Only now: a refused model leaves no folder behind.
+    (output_dir / FOUND_POINTS_FILE).unlink(missing_ok=True)  # An earlier prediction's: never beside this one.
+    if points is not None:
+        print(f"wrote {write_csv(points, output_dir / FOUND_POINTS_FILE)}: the points found, each slice weighted")
+    path = write_submission(row_ids, probabilities, output_dir / "submission.csv")
+    print(f"wrote {path}: {len(row_ids)} rows from {len(options.model)} model(s)")
+    return 0
+
+
+def predict_test_csv(options, run_dir):
+    """The seed layout: test.csv's crops graded by every model, one model in memory at a time; (row_ids,
+    probabilities)."""
     test_table = load_test_table(options.data_dir)
     constants = {}
     with_image = set(test_table["row_id"][test_table["image_path"].notna()])
@@ -4382,11 +4542,123 @@ def predict(options):
     for path in options.model:  # One model in memory at a time.
         image_probabilities.append(predict_probabilities(load_saved_model(path), test_images, options)[0])
         keras.backend.clear_session()
-    row_ids, probabilities = row_probabilities(test_table, np.mean(image_probabilities, axis=0), constants)
-    output_dir = prepare_output_dir(options.output_dir)  # Only now: a refused model leaves no folder behind.
-    path = write_submission(row_ids, probabilities, output_dir / "submission.csv")
-    print(f"wrote {path}: {len(row_ids)} rows from {len(options.model)} model(s)")
-    return 0
+    row_ids, probabilities, constant_rows = row_probabilities(
+        test_table, np.mean(image_probabilities, axis=0), constants
+    )
+    print_constant_rows(constant_rows, "test.csv")
+    return row_ids, probabilities
+
+
+def predict_competition(options, run_dir):
+    """The competition's test studies, each from its DICOM folder to its 25 rows (study_predictions), `--workers`
+    studies at a time, so memory holds a few studies whatever their number; (row_ids, probabilities) in
+    test_series_descriptions.csv's order of studies, and the points found (localised_rows, mixed)."""
+    competition = options.data_dir
+    refuse_missing_test_listing(competition, "predict")
+    descriptions = read_series_descriptions(competition, "test")
+    series = study_series(descriptions)
+    study_ids = list(dict.fromkeys(descriptions["study_id"].str.strip()))
+    localiser = find_localiser(options.localiser, options.model)
+    constants = saved_constants(run_dir / "config.json")  # Up front: some rows have no crop in most test sets.
+    grader = Grader([load_saved_model(path) for path in options.model], options.batch_size)
+    images_dir = competition / "test_images"
+    print(f"predicting {len(study_ids)} test studies in {competition}, {options.workers} at a time")
+    with tempfile.TemporaryDirectory(prefix="crops-") as work_dir, decoding_pool(options.workers) as pool:
+        pool.submit(int).result()  # Its processes start now, from this thread, before any other thread runs.
+
+        def one(study_id):
+            found = series.get(study_id, {})
+            return study_predictions(images_dir, study_id, found, localiser, grader, constants, Path(work_dir), pool)
+
+        results, started = [], time.time()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=options.workers) as executor:
+            for number, result in enumerate(executor.map(one, study_ids), start=1):
+                results.append(result)
+                if number == len(study_ids) or number % max(1, len(study_ids) // 10) == 0:
+                    print(f"predicted {number}/{len(study_ids)} studies ({time.time() - started:.0f} s)", flush=True)
+    print_constant_rows(sum(result.constant_rows for result in results), "the test studies")
+    unread = [name for result in results for name in result.unread_files]
+    if unread:
+        print(f"{len(unread)} file(s) could not be read, so their crops were not graded: {list_some(unread)}")
+    return (
+        pd.concat([result.row_ids for result in results], ignore_index=True),
+        np.concatenate([result.probabilities for result in results]),
+        pd.concat([result.points for result in results], ignore_index=True),
+    )
+
+
+@dataclass
+class StudyPredictions:
+    """One study's 25 rows and their probabilities; how many rows got their best constant, for want of a crop; and
+    the points found (localised_rows, mixed)."""
+
+    row_ids: pd.Series
+    probabilities: np.ndarray
+    constant_rows: int
+    points: pd.DataFrame
+    unread_files: list  # missing or undecodable DICOMs that a crop needed
+
+
+def study_predictions(images_dir, study_id, series_by_kind, localiser, grader, constants, work_dir, pool=None):
+    """One study, from its DICOM folder (images_dir/study_id) to its 25 predictions: read its series, find its points
+    (localise_study), cut crops there as prepare cuts them (each point's slice and the slices its severity mixes in),
+    grade them with every severity model, and mix each row's crops by their weights. A row the localiser could not
+    place gets its location's best constant. The crops live in work_dir only while the study is graded. With a
+    decoding_pool, the DICOMs are decoded in its processes while this thread waits."""
+    pool = pool or InlinePool()
+    rows = submission_rows(pd.DataFrame({"study_id": [study_id]})).assign(image_path=np.nan)
+    study_dir, points, unread = work_dir / study_id, localised_rows({}, mixed=True), []
+    if localiser is not None and series_by_kind:
+        size = localiser.model.input_shape[1]
+        reading = pool.submit(read_localiser_study, images_dir, study_id, series_by_kind, size)
+        study = result_of_worker(reading, [reading], [str(images_dir / study_id)])
+        with grader.lock:  # TensorFlow one call at a time; other threads meanwhile read and crop.
+            points = localised_rows({study_id: localise_study(localiser, study)}, mixed=True)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        points_path = write_csv(points, study_dir / "points.csv")
+        rows = submission_rows(rows[["row_id"]].assign(study_id=study_id), read_coordinates(points_path))
+        rows["crop"] = crop_names(rows)
+        tasks = crop_tasks(rows, images_dir, study_dir)
+        for future in [pool.submit(crop_series, task, PREPARE_CROP_MM, PREPARE_CROP_PIXELS) for task in tasks]:
+            result = result_of_worker(future, [future], [str(images_dir / study_id)])
+            unread += result.missing_files + result.undecodable_files
+        paths = study_dir / (rows["crop"].fillna("") + ".png")
+        rows["image_path"] = [str(path) if path.is_file() else np.nan for path in paths]
+    probabilities = grader.probabilities(rows["image_path"].dropna().tolist())
+    shutil.rmtree(study_dir, ignore_errors=True)
+    return StudyPredictions(*row_probabilities(rows, probabilities, constants), points, unread)
+
+
+@dataclass
+class Grader:
+    """A run's severity models, all in memory, grading one study's crops at a time: the mean of their probabilities,
+    each floored as predict_probabilities floors them. `lock` keeps TensorFlow's calls one at a time."""
+
+    models: list
+    batch_size: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def probabilities(self, image_paths):
+        if not image_paths:
+            return np.zeros((0, len(CLASS_NAMES)))
+        per_model = []
+        for model in self.models:
+            images = np.stack([read_image(path, model.input_shape[1]) for path in image_paths])
+            images = keras.applications.resnet50.preprocess_input(images)
+            with self.lock:
+                per_model.append(floored(predict_in_full_batches(model, images, self.batch_size)))
+        return np.mean(per_model, axis=0)
+
+
+def predict_in_full_batches(model, images, batch_size):
+    """The model's outputs for images, in batches padded to batch_size, so its predict function is traced once."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+        padded[: len(chunk)] = chunk
+        outputs.append(np.asarray(model.predict_on_batch(padded), np.float64)[: len(chunk)])
+    return np.concatenate(outputs)
 
 
 def model_files(paths):
@@ -4437,7 +4709,10 @@ def run_models(output_dir):
 def saved_constants(config_path):
     """The best constants a training run saved in its config.json, refused clearly when they cannot be read."""
     if not config_path.is_file():
-        raise InputError(f"test.csv has rows without an image; they need the training run's {config_path}.")
+        raise InputError(
+            f"{config_path}: file not found; test rows without a crop need the best constants that the training run "
+            "wrote there. Attach the run's whole output folder."
+        )
     try:
         saved = json.loads(config_path.read_text())["best_constants"]
         return {key: np.array(value, dtype=float) for key, value in saved.items()}
@@ -4789,12 +5064,14 @@ def build_parser(command):
             help="imagenet, none (from scratch), or a path to ResNet50 notop weights, trained like ImageNet's "
             "(default: %(default)s)",
         )
+        default_weights = ",".join(f"{weight:g}" for weight in CLASS_WEIGHTS)
+        as_metric = ", the metric's" if tuple(CLASS_WEIGHTS) == LABEL_WEIGHTS else ""
         parser.add_argument(
             "--class-weights",
             type=three_positive_weights,
             default=CLASS_WEIGHTS,
             help="loss weight per true class normal_mild,moderate,severe; 1,1,1 turns weighting off "
-            "(default: 1,2,4, the metric's)",
+            f"(default: {default_weights}{as_metric})",
         )
         parser.add_argument(
             "--val-fraction",
@@ -4952,7 +5229,7 @@ def add_workers_option(parser):
         "--workers",
         type=positive_int,
         default=WORKERS,
-        help="threads reading images (default: %(default)s, the CPU count)",
+        help="processes decoding DICOMs, threads reading images (default: %(default)s, the CPU count)",
     )
 
 

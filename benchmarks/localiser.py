@@ -8,7 +8,8 @@ against the naive design in the same run.
 
 Ours: every sagittal slice runs through the localiser once (presence picks the slice), and each level's axial slice
 is matched by geometry, so the axial series cost three slices per level (the matched one and its neighbours, in one
-call per series); timed alone (ours_localise_only) and with the crops and the severity model (ours). Naive
+call per series); timed alone (ours_localise_only) and with the crops and the severity model (ours: predict's own
+script.study_predictions, from the DICOM folder to 25 rows). Naive
 (naive_localise_only): the localiser runs on every slice of every series, axial ones included. Both use untrained
 models, which cost the same as trained ones. Target: ≤ 5 s per study on 2 cores. Writes
 benchmarks/localiser_results.json.
@@ -44,22 +45,6 @@ def parse_arguments():
     return parser.parse_args()
 
 
-def crop_and_classify(model, study, points, images_dir, work_dir):
-    """Cut the crops at the found points (as prepare does: each point's slice, and a neighbour its severity mixes in)
-    and grade them (as predict does)."""
-    points_path = script.write_csv(script.localised_rows({study.study_id: points}, mixed=True), work_dir / "points.csv")
-    rows = script.read_coordinates(points_path)
-    rows["crop"] = script.crop_names(rows)
-    for task in script.crop_tasks(rows, images_dir, work_dir):
-        script.crop_series(task, script.PREPARE_CROP_MM, script.PREPARE_CROP_PIXELS)
-    # An untrained localiser may place a point off its slice, which prepare skips: grade the crops that exist.
-    paths = [str(path) for path in (work_dir / f"{name}.png" for name in rows["crop"]) if path.is_file()]
-    if not paths:
-        return None
-    batches = script.ImageBatches(paths, model.input_shape[1], 32, workers=2)
-    return model.predict(batches, verbose=0)
-
-
 def naive_localise(localiser, study):
     """Every slice of every series through the localiser; each point on its highest-presence slice."""
     found = []
@@ -72,20 +57,20 @@ def naive_localise(localiser, study):
     return found
 
 
-def time_studies(localiser, severity, root, study_ids, image_size, design):
+def time_studies(localiser, grader, root, study_ids, image_size, design):
+    """Seconds per study. ours: predict's own path, script.study_predictions, from the DICOM folder to 25 rows."""
     series = script.study_series(script.read_series_descriptions(root, "test"))
+    images_dir, work_dir = root / "test_images", root / "crops"
+    constants = {"": np.full(len(script.CLASS_NAMES), 1 / len(script.CLASS_NAMES))}  # Rows an untrained model misses.
     seconds = []
     for study_id in study_ids:
-        work_dir = root / "crops" / f"{design}-{study_id}-{time.perf_counter_ns()}"
-        work_dir.mkdir(parents=True)
         started = time.perf_counter()
-        study = script.read_localiser_study(root / "test_images", study_id, series[study_id], image_size)
-        if design in ("ours", "ours_localise_only"):
-            points = script.localise_study(localiser, study)
-            if design == "ours":
-                crop_and_classify(severity, study, points, root / "test_images", work_dir)
+        if design == "ours":
+            script.study_predictions(images_dir, study_id, series[study_id], localiser, grader, constants, work_dir)
         else:
-            points = naive_localise(localiser, study)
+            study = script.read_localiser_study(images_dir, study_id, series[study_id], image_size)
+            localise = script.localise_study if design == "ours_localise_only" else naive_localise
+            localise(localiser, study)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -97,15 +82,15 @@ def main():
     root = competition.root
     size = script.LOCALISER_IMAGE_SIZE
     localiser = script.Localiser(script.build_localiser(size, None, from_scratch=True), level_offsets_mm=None)
-    severity = script.build_model(script.IMAGE_SIZE, None, from_scratch=True)
+    grader = script.Grader([script.build_model(script.IMAGE_SIZE, None, from_scratch=True)], script.BATCH_SIZE)
     study_ids = [str(study_id) for study_id in competition.test_study_ids]
-    time_studies(localiser, severity, root, study_ids[:1], size, "ours")  # Warm-up: tracing, caches.
-    time_studies(localiser, severity, root, study_ids[:1], size, "naive_localise_only")
+    time_studies(localiser, grader, root, study_ids[:1], size, "ours")  # Warm-up: tracing, caches.
+    time_studies(localiser, grader, root, study_ids[:1], size, "naive_localise_only")
     # ours: DICOM → 25 predictions; the other two stop after localising, so they compare like with like.
     results = {"ours": [], "ours_localise_only": [], "naive_localise_only": []}
     for _ in range(options.repeats):
         for design in results:
-            results[design] += time_studies(localiser, severity, root, study_ids, size, design)
+            results[design] += time_studies(localiser, grader, root, study_ids, size, design)
 
     # Training cost: one epoch on the study set (one slice per study and series kind), after a warm-up epoch.
     coordinates = script.read_coordinates(root / "train_label_coordinates.csv")

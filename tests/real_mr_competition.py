@@ -1,6 +1,6 @@
 """A competition-layout folder built from real lumbar MR: 30 volumes with their five disc-level points.
 
-For measuring the level localiser on real anatomy (issue 25): it has only been measured on synthetic phantoms, and on
+For measuring the level localiser on real anatomy: otherwise it is only measured on synthetic phantoms, and on
 real MR it loses count. The data are `vb3_shared30.npz` (see the README beside it): 30 healthy volunteers, water
 images of a chemical-shift (water–fat) scan, 1 mm isotropic, uint8 (30, 224, 224, 77), axis 0 superior → inferior,
 axis 1 anterior → posterior, axis 2 across the body; `points` (30, 5, 3) hold the centres of the discs L1/L2 to L5/S1
@@ -54,7 +54,7 @@ Choices, on purpose
 
 Other contrast (`--contrast`)
 -----------------------------
-The issue asks how the localiser does on "T2 volumes from another scanner". We have none. `--contrast inverted`
+How the localiser does on "T2 volumes from another scanner" is the question; we have none. `--contrast inverted`
 is a simulated proxy, not a second scanner: inside the body (a mask of the blurred slab) the intensities are
 inverted, air stays dark; CSF and discs turn dark and fat bright, roughly a T1 look, which a localiser trained on
 the water contrast has never seen. `--contrast gamma` applies a gamma of 2.5, keeping only the brightest tissue

@@ -5,6 +5,11 @@ either accept the pair or refuse it with exit code 2 and one message on stderr: 
 written. Validation finishes before training starts, so training is replaced by a stand-in that stops the run
 at once: reaching it means the input was accepted, and no model is ever built for these cases.
 
+Each file reader on its own: every CSV the script reads refuses an empty or header-only file by name, a path that
+is no regular file is named for what it is (missing, a folder, /dev/null), and bad coordinates or a repeated
+study in the wide train.csv are refused naming the line or study. Odd but valid tables (", " between cells, test
+row_ids that are also training rows) are read, with a warning where one is due.
+
 One real tiny training run then takes odd but valid images and row_ids all the way to submission.csv.
 """
 
@@ -12,15 +17,17 @@ import codecs
 import csv
 import dataclasses
 import io
+import os
 import string
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import synthetic
-from conftest import QUICK_RUN, script
+from conftest import QUICK_RUN, SUBMISSION_HEADER, script, seed_layout
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -391,6 +398,136 @@ def test_malformed_csv_is_accepted_or_refused_cleanly(valid_dataset, training_st
         assert errors.startswith("error: ") and corruption.file_name in errors, errors
         assert "Traceback" not in errors
         assert not output_written, "a refused run must not create its output folder, let alone submission.csv"
+
+
+# ================================================================================ each reader on its own
+
+COORDINATE_HEADER = "study_id,series_id,instance_number,condition,level,x,y\n"
+READERS = {
+    "train.csv": lambda path: script.load_train_table(path.parent),
+    "test.csv": lambda path: script.load_test_table(path.parent),
+    "solution.csv": script.read_solution,
+    "submission.csv": script.read_submission,
+    "train_label_coordinates.csv": script.read_coordinates,
+    "wide train.csv": script.read_labels,
+    "test_series_descriptions.csv": lambda path: script.read_split_rows(path.parent, "test", None),
+}
+HEADERS = {
+    "train.csv": ",".join(script.TRAIN_COLUMNS) + "\n",
+    "test.csv": ",".join(script.TEST_COLUMNS) + "\n",
+    "solution.csv": SUBMISSION_HEADER,
+    "submission.csv": SUBMISSION_HEADER,
+    "train_label_coordinates.csv": COORDINATE_HEADER,
+    "wide train.csv": ",".join(["study_id", *script.WIDE_LABEL_COLUMNS]) + "\n",
+    "test_series_descriptions.csv": "study_id,series_id,series_description\n",
+}
+
+
+@pytest.mark.parametrize("contents", ["header only", "empty"])
+@pytest.mark.parametrize("reader", READERS)
+def test_every_reader_refuses_empty_and_header_only_files_by_name(reader, contents, tmp_path):
+    """Each CSV the script reads, with a header and no rows or with no bytes at all, is an InputError that names
+    the file, never a crash further on (the header-only submission was a TypeError in np.isfinite)."""
+    root = seed_layout(tmp_path / "data") if reader in ("train.csv", "test.csv") else tmp_path
+    path = root / reader.split()[-1]
+    path.write_text(HEADERS[reader] if contents == "header only" else "")
+    expected = "has a header but no rows" if contents == "header only" else "cannot be read as a UTF-8 CSV"
+    with pytest.raises(script.InputError, match=expected) as error:
+        READERS[reader](path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        pytest.param(os.devnull, "is not a regular file", id="/dev/null"),
+        pytest.param("folder", "is a folder, not a file", id="folder"),
+        pytest.param("nowhere.csv", "file not found", id="missing"),
+    ],
+)
+def test_a_path_that_is_no_regular_file_is_named_for_what_it_is(path, expected, tmp_path):
+    """`--submission /dev/null` used to say "file not found"; a folder and a missing file each get their own words."""
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / path
+    with pytest.raises(script.InputError, match=expected) as error:
+        script.read_submission(path)
+    assert str(path) in str(error.value)
+
+
+def test_an_image_path_that_is_a_folder_is_reported_as_a_folder(tmp_path):
+    """An image_path naming a folder said "missing", which sends the user looking for a file that is there."""
+    root = seed_layout(tmp_path / "data")
+    table = pd.read_csv(root / "test.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "image_path"] = "images"
+    table.to_csv(root / "test.csv", index=False)
+    with pytest.raises(script.InputError, match=r"images: is a folder, not an image\)") as error:
+        script.load_test_table(root)
+    assert table.loc[0, "row_id"] in str(error.value)
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_blank_coordinate_is_refused_naming_the_line(row, tmp_path):
+    """A blank x (or instance_number) read as NaN and crashed the instance lookup; now the line is named."""
+    path = tmp_path / "coordinates.csv"
+    cells = [["7", "70", "3", "Spinal Canal Stenosis", "L1/L2", "10.5", "20.5"]] * 2
+    cells[row] = [*cells[row][:5], "", "20.5"] if row == 0 else [*cells[row][:2], "", *cells[row][3:]]
+    path.write_text(COORDINATE_HEADER + "".join(",".join(line) + "\n" for line in cells))
+    with pytest.raises(script.InputError, match=f"finite numbers; blank or infinite on line.s. {row + 2}"):
+        script.read_coordinates(path)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("7,70,3.5,Spinal Canal Stenosis,L1/L2,10.5,20.5", "instance_number must be a whole number"),
+        ("7,,3,Spinal Canal Stenosis,L1/L2,10.5,20.5", "blank study_id or series_id on line"),
+    ],
+)
+def test_coordinates_with_a_fractional_instance_or_a_blank_series_are_refused(line, expected, tmp_path):
+    path = tmp_path / "coordinates.csv"
+    path.write_text(COORDINATE_HEADER + line + "\n")
+    with pytest.raises(script.InputError, match=expected) as error:
+        script.read_coordinates(path)
+    assert str(path) in str(error.value) and "2" in str(error.value)
+
+
+def test_a_wide_train_csv_with_a_repeated_study_is_refused_by_name(tmp_path):
+    """A repeated study_id would surface as duplicate row_ids of the prepared train.csv, a file the tool wrote."""
+    path = tmp_path / "train.csv"
+    row = ",".join(["Normal/Mild"] * len(script.WIDE_LABEL_COLUMNS))
+    path.write_text(HEADERS["wide train.csv"] + f"7,{row}\n8,{row}\n7,{row}\n")
+    with pytest.raises(script.InputError, match=f"{path}: each study_id must be given once.*: 7"):
+        script.read_labels(path)
+
+
+# ================================================================================= odd but valid tables
+
+
+def test_comma_space_separated_tables_find_their_images(tmp_path):
+    """A CSV written with ", " between cells: the headers were accepted but every image_path kept its leading space,
+    so every image went "missing". Spaces around paths are dropped; row_ids stay exactly as written."""
+    root = seed_layout(tmp_path / "data")
+    for name in ("train.csv", "test.csv"):
+        lines = (root / name).read_text().splitlines()
+        (root / name).write_text("".join(", ".join(line.split(",")) + "\n" for line in lines))
+    train, test = script.load_train_table(root), script.load_test_table(root)
+    expected = pd.read_csv(root / "train.csv", dtype=str, skipinitialspace=True)
+    assert train["row_id"].tolist() == expected["row_id"].tolist()
+    assert all(os.path.isfile(path) for path in [*train["image_path"], *test["image_path"]])
+
+
+def test_test_row_ids_that_are_also_training_rows_get_a_one_line_warning(tmp_path, monkeypatch, capsys):
+    root = seed_layout(tmp_path / "data")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    test = pd.read_csv(root / "test.csv", dtype=str)
+    test.loc[0, "row_id"] = train.loc[2, "row_id"]
+    test.to_csv(root / "test.csv", index=False)
+    monkeypatch.setattr(script, "train_fold", stop_at_training)
+    with pytest.raises(ReachedTraining):
+        script.main(["--weights", "none", "--data-dir", str(root), "--output-dir", str(tmp_path / "output")])
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "1 test.csv row_id(s) also appear in train.csv" in warning[0]
+    assert train.loc[2, "row_id"] in warning[0]
 
 
 # ========================================================================== odd but valid data, trained

@@ -1,10 +1,12 @@
-"""The command line: commands and their options parse, bad options exit 2, --help documents every option,
-and in a notebook the kernel's own arguments are ignored instead of refused."""
+"""The command line: commands and their options parse, bad options (and values that would only fail mid-run)
+exit 2, --help documents every option, every command line the README shows parses, and in a notebook the
+kernel's own arguments are ignored instead of refused."""
 
+import shlex
 from pathlib import Path
 
 import pytest
-from conftest import script
+from conftest import readme_commands, script
 
 KERNEL_ARGUMENTS = ["-f", "/root/.local/share/jupyter/runtime/kernel-1234.json"]
 
@@ -77,6 +79,27 @@ def test_bad_option_values_exit_2_naming_the_option(argv, named, capsys):
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--lr", "0"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--fine-tune-lr", "-1e-5"], "--fine-tune-lr"),
+        (["--seed", "-1"], "--seed"),
+        (["--class-weights", "1,2,inf"], "--class-weights"),
+        (["--class-weights", "1,nan,4"], "--class-weights"),
+        (["prepare", "--competition-dir", "c", "--out-dir", "o", "--crop-mm", "0"], "--crop-mm"),
+    ],
+)
+def test_values_that_would_fail_mid_run_are_refused_at_parse_time(argv, named, capsys):
+    """A negative seed crashed NumPy after the outputs were cleared, a zero crop divided by zero, and a learning
+    rate or class weight of 0, nan or inf trained garbage: argparse now refuses each, naming the option."""
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["train", "predict", "score"])
 def test_help_exits_0_and_documents_every_option(command, capsys):
     """`--help` succeeds and describes each option the command accepts."""
@@ -89,3 +112,13 @@ def test_help_exits_0_and_documents_every_option(command, capsys):
         assert action.help, f"{action.option_strings} has no help text"
         for option in action.option_strings:
             assert option in help_text
+
+
+def test_every_readme_command_line_parses():
+    """Each complete command line the README shows (placeholders in [...] aside) is accepted by the parser, so
+    the README cannot drift from the options."""
+    commands = [command for command in readme_commands("python script.py") if "[" not in command]
+    assert len(commands) >= 6
+    for command in commands:
+        words = shlex.split(command.split("  ")[0])  # A wide gap starts the table's explanation.
+        script.parse_arguments(words[2:])

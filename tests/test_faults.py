@@ -1,6 +1,7 @@
-"""Faults during a run: a killed or interrupted run resumes where it stopped, outputs are written atomically,
-an output folder that cannot take the run is refused before training, an image that breaks mid-run stops the
-run naming it (or is left out with --skip-bad-images), and a damaged or unsafe model file is refused."""
+"""Faults during a run: a killed or interrupted run resumes where it stopped (and says where it goes on), outputs
+are written atomically, an output folder that cannot take the run is refused before training, an image that breaks
+mid-run stops the run naming it (or is left out with --skip-bad-images), and a damaged or unsafe model file is
+refused."""
 
 import collections
 import contextlib
@@ -184,6 +185,23 @@ def test_resume_with_other_options_is_refused_naming_them(run_stopped_by_ctrl_c,
     assert exit_code == 2
     assert f"--seed was {script.SEED}, now 7" in capsys.readouterr().err
     assert read_state(output_dir)["history"]
+
+
+def test_resume_position_names_fold_phase_and_epoch(tmp_path):
+    """The line --resume prints before training: the first unfinished fold, its phase, and the next epoch."""
+    _, options = script.parse_arguments(["--epochs", "3", "--fine-tune-epochs", "2", "--folds", "3"])
+    settings = script.severity_settings(options)
+    assert script.resume_position(tmp_path, settings, 3) == "fold 1, phase 1, epoch 1"
+    done = script.Progress.load(tmp_path / "fold1")
+    done.done = True
+    done.save()
+    in_phase_two = script.Progress.load(tmp_path / "fold2")
+    in_phase_two.finished_phases = [1]
+    in_phase_two.save()
+    assert script.resume_position(tmp_path, settings, 3) == "fold 2, phase 2, epoch 4"
+    in_phase_two.backup_epoch = 4
+    in_phase_two.save()
+    assert script.resume_position(tmp_path, settings, 3) == "fold 2, phase 2, epoch 5"
 
 
 @pytest.mark.parametrize(

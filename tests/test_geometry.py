@@ -4,7 +4,7 @@ slice spacing from the positions, tilted axial sub-stacks, and the nearest slice
 import anatomy_synthetic as A
 import numpy as np
 import pytest
-from conftest import script
+from conftest import nearest_slice, script
 
 TRAIN_STUDIES, IMAGE_SIZE = 6, 96  # Six studies hold both instance orders and both axial layouts.
 
@@ -102,7 +102,7 @@ def test_nearest_slice_across_series_is_the_labelled_one(competition):
             conditions = [condition for condition, kind in A.LABEL_SERIES.items() if kind == description]
             for point in points[points["condition"].isin(conditions)].itertuples():
                 world = np.array([point.world_x, point.world_y, point.world_z])
-                stack, index, _, _, distance = script.nearest_slice(stacks, world)
+                stack, index, _, _, distance = nearest_slice(stacks, world)
                 assert stack.series_id == str(int(point.series_id))
                 assert stack.slices[index].instance_number == int(point.instance_number)
                 assert abs(distance) == pytest.approx(abs(point.distance_to_slice), abs=0.01)

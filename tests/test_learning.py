@@ -2,8 +2,8 @@
 
 Every other test would pass on a model that learns nothing, so this one states what learning means here. On the
 learning check's squares (tests/synthetic.py) a from-scratch run of a few epochs must classify held-out test
-pictures well and score far below the best constant prediction. Before the fix it could not: the frozen random
-base's features put the head's ReLUs out of action within an epoch and every prediction was the prior.
+pictures well and score far below the best constant prediction. The failure it guards against: the frozen random
+base's features putting the head's ReLUs out of action within an epoch, so that every prediction is the prior.
 """
 
 import json

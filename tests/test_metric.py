@@ -1,5 +1,6 @@
-"""Tests for the competition metric: hand-computed cases for each rule, an independent sklearn-based
-re-implementation, input errors, and checks against the real labels when they are available."""
+"""The competition metric and the score command: hand-computed cases for each rule, an independent sklearn-based
+re-implementation, input errors, a submission lacking rows (named, or scored on the rows present with
+--only-submitted), and checks against the real labels when they are available."""
 
 import json
 import math
@@ -434,6 +435,38 @@ def test_bad_solutions_are_input_errors_naming_the_problem(example_files, edit, 
         M.run_score(solution_path, submission_path)
 
 
+@pytest.fixture
+def scored_files(tmp_path):
+    """A four-row solution and a submission predicting two of its rows plus one row the solution lacks."""
+    row_ids = [f"{study}_spinal_canal_stenosis_l1_l2" for study in (1, 2, 3, 4)]
+    solution = pd.DataFrame({"row_id": row_ids, "normal_mild": [1, 0, 1, 0], "moderate": [0, 1, 0, 0]})
+    solution["severe"] = [0, 0, 0, 1]
+    submission = pd.DataFrame(
+        {"row_id": [row_ids[0], row_ids[1], "9_spinal_canal_stenosis_l1_l2"], "normal_mild": [0.5, 0.25, 0.3]}
+    ).assign(moderate=[0.25, 0.5, 0.3], severe=[0.25, 0.25, 0.4])
+    solution.to_csv(tmp_path / "solution.csv", index=False)
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    return tmp_path / "solution.csv", tmp_path / "submission.csv"
+
+
+def test_score_names_the_missing_rows_and_points_to_only_submitted(scored_files):
+    solution, submission = scored_files
+    with pytest.raises(M.InputError, match="lacks 2 of the 4 labelled row_ids") as error:
+        M.run_score(solution, submission)
+    assert str(submission) in str(error.value) and "--only-submitted" in str(error.value)
+
+
+def test_only_submitted_scores_the_rows_present_and_counts_the_rest(scored_files, capsys):
+    """--only-submitted scores just the two predicted rows, and says how many solution rows were left out and how
+    many submission rows the solution has no label for."""
+    solution, submission = scored_files
+    scores = M.run_score(solution, submission, only_submitted=True)
+    printed = capsys.readouterr().out
+    assert scores["spinal"] == pytest.approx(np.log(2))  # Both rows put 0.5 on their true class.
+    assert "2 labelled row(s) of the solution left out" in printed
+    assert "1 row(s) whose row_id has no label in the solution were not scored: 9_spinal" in printed
+
+
 # ----------------------------------------------------------------------------------------------- real labels
 
 
@@ -470,7 +503,8 @@ def test_real_labels_with_per_location_priors(real_labels):
     frequencies = M.score_predictions(real_labels, prior_predictions(real_labels, real_labels["row_id"], (1, 1, 1)))
     best = M.score_predictions(real_labels, prior_predictions(real_labels, real_labels["row_id"]))
     assert all(0.3 < value < 1.3 for value in [*frequencies.values(), *best.values()])
-    # The issue quotes about 0.93 for the plain frequencies and about 0.79 for the weighted best constants.
+    # The known figures for the real labels: about 0.93 for the plain frequencies, about 0.79 for the weighted
+    # best constants.
     assert frequencies["score"] == pytest.approx(0.93, abs=0.005)
     assert best["score"] == pytest.approx(0.79, abs=0.005)
 

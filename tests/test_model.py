@@ -1,11 +1,12 @@
-"""The two training phases train exactly the intended layers, and BatchNormalization never learns; the localiser's
-heatmap decoding and its presence read under the heatmap."""
+"""The two training phases train exactly the intended layers, and BatchNormalization never learns (its statistics
+recalibrated in one pass, traced once per model); predictions are never exactly 0 and every batch the network
+sees is full; the localiser's heatmap decoding and its presence read under the heatmap."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import script
+from conftest import script, seed_layout
 
 IMAGE_SIZE = 32  # The smallest input ResNet50 accepts keeps each training step cheap.
 # With FINE_TUNE_LAYERS = 10, the unfrozen tail is ResNet50's last residual block; its convolutions are the
@@ -129,6 +130,46 @@ def test_recalibration_averages_the_batch_statistics():
     convolution = keras.Model(base.input, base.get_layer("conv1_conv").output)
     expected = np.mean([convolution(images).numpy().mean(axis=(0, 1, 2)) for (images,) in batches], axis=0)
     np.testing.assert_allclose(base.get_layer("conv1_bn").moving_mean.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_precise_batch_norm_traces_the_network_once_per_model():
+    """The statistics pass takes any batch size, so a short last batch does not trace the network again."""
+    inputs = script.keras.Input((4, 4, 3))
+    features = script.layers.BatchNormalization()(script.layers.Flatten()(inputs))
+    model = script.keras.Model(inputs, script.layers.Dense(3, activation="softmax")(features))
+    batches = [(np.random.default_rng(size).normal(size=(size, 4, 4, 3)).astype(np.float32),) for size in (8, 8, 3)]
+    script.recalibrate_batch_normalization(model, batches)
+    script.recalibrate_batch_normalization(model, batches)
+    assert script.statistics_pass(model).experimental_get_tracing_count() == 1
+
+
+class CertainModel:
+    """A stand-in for a Keras model whose softmax rounded two classes to exactly 0, as float32 does for large
+    logits. It records the batch sizes it was given."""
+
+    input_shape = (None, 32, 32, 3)
+
+    def __init__(self):
+        self.batch_sizes = []
+
+    def predict(self, batches, verbose=0):
+        sizes = [len(batches[index][0]) for index in range(len(batches))]
+        self.batch_sizes += sizes
+        return np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (sum(sizes), 1))
+
+
+def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path):
+    """Probabilities of exactly 0 become at least PREDICTION_FLOOR and still sum to 1; a short last batch is padded
+    so that the predict function sees one shape (traced once), and the padding's predictions are dropped."""
+    root = seed_layout(tmp_path / "data")
+    images = script.load_test_table(root)["image_path"].tolist() * 3  # 6 images in batches of 4: 4 and 2.
+    model = CertainModel()
+    options = type("Options", (), {"batch_size": 4, "workers": 1})()
+    probabilities, predicted = script.predict_probabilities(model, images, options)
+    assert model.batch_sizes == [4, 4]
+    assert probabilities.shape == (6, 3) and predicted.all()
+    assert probabilities.min() >= script.PREDICTION_FLOOR * 0.999
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
 
 
 def test_from_scratch_model_learns_everywhere_in_both_phases():

@@ -1,7 +1,10 @@
-"""End to end: train on generated data, then check the whole submission contract and the artifacts."""
+"""End to end: train on generated data, then check the whole submission contract and the artifacts, predict
+and score from them, the README's score command among them."""
 
 import json
 import math
+import shlex
+import shutil
 import types
 
 import cv2
@@ -10,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import TINY_RUN, script
+from conftest import TINY_RUN, readme_commands, script
 
 
 def test_submission_contract(tiny_dataset, tiny_run):
@@ -93,6 +96,23 @@ def test_metrics_score_the_oof_predictions(tiny_dataset, tiny_run):
     assert metrics["rows"] == len(oof)
     expected = script.score_predictions(labels[labels["row_id"].isin(oof["row_id"])], oof)["score"]
     assert metrics["score"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_readmes_score_command_works_as_printed(tiny_dataset, tiny_run, tmp_path, monkeypatch, capsys):
+    """`python script.py score --solution train.csv --submission oof.csv ...`, run as printed in a folder holding a
+    run's train.csv and oof.csv, scores the validated rows (it used to fail: oof.csv lacks the training rows)."""
+    commands = [command for command in readme_commands("python script.py score") if "oof.csv" in command]
+    assert commands, "the README shows how to score oof.csv"
+    shutil.copy(tiny_dataset / "train.csv", tmp_path / "train.csv")
+    shutil.copy(tiny_run / "oof.csv", tmp_path / "oof.csv")
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert script.main(shlex.split(command)[2:]) == 0, command
+        printed = capsys.readouterr().out
+        scores = script.json.loads(printed.strip().splitlines()[-1])
+        reported = script.json.loads((tiny_run / "metrics.json").read_text())
+        assert scores["score"] == pytest.approx(reported["score"], abs=1e-6)
+        assert "labelled row(s) of the solution left out" in printed
 
 
 def test_predict_reproduces_the_training_submission(tiny_dataset, tiny_run, tmp_path):

@@ -1,4 +1,7 @@
-"""Tests for the prepare step: competition DICOM layout in, seed layout out."""
+"""The prepare step: competition DICOM layout in, seed layout out. One crop per labelled row, centred on its point,
+its channels the neighbouring slices; a damaged competition's faults (points outside their slice or on a missing
+instance, series without PixelSpacing, undecodable files) skipped and named in the summary; every lossless
+encoding crops alike; a rerun keeps only the crops cut from the same file, point and settings."""
 
 import os
 import re
@@ -17,6 +20,7 @@ from conftest import script as P
 CROP_MM = 12.0
 CROP_PIXELS = 32
 CENTRE = (CROP_PIXELS - 1) / 2
+CROP_OPTIONS = {"crop_mm": CROP_MM, "crop_pixels": CROP_PIXELS, "workers": 2}
 
 # pydicom warns about the deliberately truncated file; the report names it instead.
 pytestmark = pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")
@@ -277,6 +281,131 @@ def test_coordinates_accept_snake_case_and_pick_duplicates_by_position_not_row_o
     assert forward["instance_number"].tolist() == [2, 4]
 
 
+# ----------------------------------------------------------------------------- a damaged competition
+
+
+def test_points_outside_their_slice_or_instance_are_skipped_and_named(damaged_competition):
+    """x=5000, y=-300 gave an all-black crop that was trained on; now it is skipped and named by row_id, like a
+    point on an instance the series lacks."""
+    _, summary, printed, _, table, _ = damaged_competition
+    assert summary["outside_image_row_ids"] == ["1000_spinal_canal_stenosis_l2_l3"]
+    # The synthetic competition's own deleted instance file loses two more rows.
+    assert "1000_spinal_canal_stenosis_l4_l5" in summary["missing_instance_row_ids"]
+    assert not {"1000_spinal_canal_stenosis_l2_l3", "1000_spinal_canal_stenosis_l4_l5"} & set(table["row_id"])
+    assert "1 whose point is outside its slice" in printed
+    assert "Points outside their slice (or crops mostly past it): 1000_spinal_canal_stenosis_l2_l3." in printed
+    assert "Points on an instance their series lacks: " in printed and "1000_spinal_canal_stenosis_l4_l5" in printed
+
+
+def test_the_share_of_a_crop_on_its_slice():
+    """The geometry behind the rule: a crop on the middle lies wholly on its slice, one centred on a corner keeps a
+    quarter, one around a point far outside keeps nothing; below MINIMUM_CROP_INSIDE (a half) it is skipped."""
+    assert P.crop_inside_share((100, 100), 50, 50, 1.0, 1.0, 20.0) == 1.0
+    assert P.crop_inside_share((100, 100), -0.5, -0.5, 1.0, 1.0, 20.0) == pytest.approx(0.25)
+    assert P.crop_inside_share((100, 100), 5000, -300, 1.0, 1.0, 20.0) == 0.0
+
+
+def test_series_without_pixel_spacing_are_named_in_the_summary(damaged_competition):
+    """A missing PixelSpacing means 1 mm per pixel, as before, but no longer silently: the series is named."""
+    _, summary, printed, _, _, damaged = damaged_competition
+    assert summary["series_without_spacing"] == [str(damaged["series"])]
+    assert f"Series without PixelSpacing, cropped at 1 mm per pixel: 1: {damaged['series']}." in printed
+
+
+def test_undecodable_files_are_grouped_by_cause_with_the_install_hint(damaged_competition):
+    """The JPEG-LS files without a decoder get one line together, with a count, their paths and what to install,
+    instead of pydicom's four lines per file; the truncated files get a line of their own."""
+    competition, _, printed, _, _, damaged = damaged_competition
+    lines = [line for line in printed.splitlines() if line.startswith("Undecodable DICOM files")]
+    jpeg_ls = [line for line in lines if "JPEG-LS" in line]
+    assert len(jpeg_ls) == 1 and jpeg_ls[0].startswith("Undecodable DICOM files: 2 with no decoder installed for")
+    assert all(str(path) in jpeg_ls[0] for path in damaged["jpeg_ls"]) and "pip install" in jpeg_ls[0]
+    truncated = [line for line in lines if "JPEG-LS" not in line]
+    assert truncated and all(any(str(path) in line for line in truncated) for path in competition.corrupt_paths)
+    assert "\t" not in printed and printed.count("requires") == 0
+
+
+# ----------------------------------------------------------------------------- encodings and reruns
+
+TRANSFER_SYNTAXES = (
+    "ExplicitVRLittleEndian",
+    "ImplicitVRLittleEndian",
+    "DeflatedExplicitVRLittleEndian",
+    "ExplicitVRBigEndian",
+    "RLELossless",
+    "JPEG2000Lossless",
+)
+
+
+def write_series(series_dir, transfer_syntax, displayed):
+    """One three-slice series of the same pictures, stored in the given transfer syntax."""
+    import pydicom
+
+    uid = getattr(pydicom.uid, transfer_syntax)
+    kind = dicom_synthetic.SeriesKind(
+        "Axial T2", (), "MONOCHROME2", (0.4, 0.5), (64, 48), pydicom.uid.ExplicitVRLittleEndian
+    )
+    for instance_number, pixels in enumerate(displayed, start=1):
+        path = series_dir / f"{instance_number}.dcm"
+        dicom_synthetic.write_dicom(path, kind, 1, 10, instance_number, pixels)
+        if uid == pydicom.uid.ExplicitVRLittleEndian:
+            continue
+        dataset = pydicom.dcmread(path)
+        if uid.is_compressed:
+            dataset.compress(uid)
+        elif not uid.is_little_endian:  # pydicom leaves the pixel bytes to the writer: swap them by hand.
+            dataset.PixelData = dataset.pixel_array.astype(">u2").tobytes()
+            dataset.file_meta.TransferSyntaxUID = uid
+            pydicom.dcmwrite(path, dataset, little_endian=False, implicit_vr=False, force_encoding=True)
+            continue
+        else:
+            dataset.file_meta.TransferSyntaxUID = uid
+        dataset.save_as(path, enforce_file_format=True)
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid
+
+
+def test_every_lossless_encoding_gives_the_same_crop(tmp_path):
+    """The same slices stored uncompressed (explicit, implicit, big endian, deflated), RLE or JPEG 2000 lossless
+    decode to byte-identical crops."""
+    pytest.importorskip("openjpeg", reason="JPEG 2000 needs pylibjpeg-openjpeg (in the requirements)")
+    generator = np.random.default_rng(0)
+    kind = dicom_synthetic.SeriesKind("Axial T2", (), "MONOCHROME2", (0.4, 0.5), (64, 48), None)
+    displayed = [dicom_synthetic.displayed_slice(kind, number, [(20.0, 30.0)], generator) for number in (1, 2, 3)]
+    crops = {}
+    for transfer_syntax in TRANSFER_SYNTAXES:
+        series_dir = tmp_path / transfer_syntax
+        write_series(series_dir, transfer_syntax, displayed)
+        output = tmp_path / f"{transfer_syntax}.png"
+        task = P.SeriesTask(series_dir, (P.Crop("row", 2, 20.0, 30.0, output),))
+        result = P.crop_series(task, crop_mm=12.0, crop_pixels=32)
+        assert result.written == ["row"] and not result.undecodable_files, (transfer_syntax, result)
+        crops[transfer_syntax] = output.read_bytes()
+    assert len(set(crops.values())) == 1, [name for name in crops if crops[name] != crops[TRANSFER_SYNTAXES[0]]]
+
+
+def test_a_rerun_with_other_settings_or_points_cuts_those_crops_again(tmp_path, capsys):
+    """prepare keeps crops already written, so a rerun used to keep 12 mm crops beside new 20 mm ones, or a crop of
+    a point since corrected. Now only crops cut from the very same file, point and settings are kept."""
+    competition = dicom_synthetic.write_synthetic_competition(tmp_path / "competition", test_studies=1)
+    out_dir = tmp_path / "prepared"
+    first = P.prepare_competition(competition.root, out_dir, **CROP_OPTIONS)
+    assert first["images_written"] > 0 and "came from other points" not in capsys.readouterr().out
+    larger = P.prepare_competition(competition.root, out_dir, **{**CROP_OPTIONS, "crop_pixels": 16})
+    assert (larger["images_written"], larger["images_kept"]) == (first["images_written"], 0)
+    assert "came from other points" in capsys.readouterr().out
+    crops = sorted((out_dir / "images" / "train").glob("*.png"))
+    assert {cv2.imread(str(path)).shape for path in crops} == {(16, 16, 3)}
+    coordinates_path = competition.root / "train_label_coordinates.csv"
+    coordinates = pd.read_csv(coordinates_path)
+    coordinates.loc[len(coordinates) - 1, "x"] += 1.0  # One point corrected by a pixel.
+    coordinates.to_csv(coordinates_path, index=False)
+    corrected = P.prepare_competition(competition.root, out_dir, **{**CROP_OPTIONS, "crop_pixels": 16})
+    assert (corrected["images_written"], corrected["images_kept"]) == (1, first["images_written"] - 1)
+
+
+# ----------------------------------------------------------------------------- the real competition's CSVs
+
+
 def real_competition_dir():
     """The real competition CSVs: RSNA_REAL_DIR (itself or its rsna2024 folder), else ../shared/real/rsna2024."""
     configured = os.environ.get("RSNA_REAL_DIR")
@@ -320,3 +449,43 @@ def test_real_class_counts_equal_label_counts_of_rows_with_a_coordinate():
     assert (rows[list(P.CLASS_NAMES)].sum(axis=1) == 1).all()
     assert skipped["blank_label"] == labels.isna().sum().sum()
     assert len(rows) + skipped["blank_label"] + skipped["without_coordinate"] == len(labels) * 25
+
+
+FAULTY_SERIES = {}  # {series folder: "dies" or "stalls"}, read by faulty_crop_series in the forked workers.
+
+
+def faulty_crop_series(task, *arguments):
+    """crop_series, except for the series in FAULTY_SERIES: exits at once, as an out-of-memory kill would end the
+    worker, or stalls."""
+    fault = FAULTY_SERIES.get(task.series_dir)
+    if fault == "dies":
+        os._exit(1)
+    if fault == "stalls":
+        P.time.sleep(30)
+    return CROP_SERIES(task, *arguments)
+
+
+CROP_SERIES = P.crop_series
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [("dies", "a worker process died"), ("stalls", "a worker process has not finished one task in 1 s")],
+)
+def test_a_worker_process_that_dies_or_stalls_is_named_and_nothing_half_written_is_kept(
+    fault, expected, competition, tmp_path, monkeypatch, capsys
+):
+    """prepare decodes in forked worker processes: one that dies or stalls ends the run with exit code 2 and the
+    series it may have been reading, never a hang or a traceback, and every crop on disk is a whole PNG."""
+    if "fork" not in P.multiprocessing.get_all_start_methods():
+        pytest.skip("worker processes are forked; this system cannot fork")
+    first = sorted((competition.root / "train_images").glob("*/*"))[0]
+    monkeypatch.setitem(FAULTY_SERIES, first, fault)
+    monkeypatch.setattr(P, "crop_series", faulty_crop_series)
+    monkeypatch.setattr(P, "WORKER_STALL_SECONDS", 1)
+    out_dir = tmp_path / "out"
+    argv = ["prepare", "--competition-dir", str(competition.root), "--out-dir", str(out_dir), "--workers", "2"]
+    assert P.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {expected}") and "--workers 1" in message and message.count("\n") == 1
+    assert all(cv2.imread(str(path)) is not None for path in out_dir.rglob("*.png"))

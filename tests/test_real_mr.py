@@ -7,6 +7,7 @@ import pandas as pd
 import pydicom
 import pytest
 import real_mr_competition as R
+from conftest import nearest_slice
 from conftest import script as P
 
 TRAIN, TEST = [0, 1, 2], [28, 29]  # 29 has the scoliosis: its levels lie on many slices.
@@ -101,7 +102,7 @@ def test_label_points_map_to_the_true_points_on_their_nearest_slice(data, compet
             assert [row.world_x, row.world_y, row.world_z] == pytest.approx(truth, abs=1e-5)
             assert abs(row.distance_to_slice) == pytest.approx(distances[index], abs=1e-3)
         # The project's own nearest_slice agrees on the slice and the pixel.
-        found = P.nearest_slice([stack], truth)
+        found = nearest_slice([stack], truth)
         assert found[1] == index and found[2:4] == pytest.approx((row.x, row.y), abs=1e-3)
 
 

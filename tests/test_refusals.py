@@ -1,5 +1,7 @@
 """Bad input is refused before any work: exit code 2, one message on stderr that names the file, column or
-row_ids at fault, no traceback, and nothing written to the output folder."""
+row_ids at fault, no traceback, and nothing written to the output folder. Among them: a competition folder without
+test studies, weights that are no HDF5 file, and a --model that is a folder without a run, a foreign zip, a model
+of another shape or a run whose config.json is damaged."""
 
 import subprocess
 import sys
@@ -7,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import synthetic
-from conftest import REPOSITORY, script
+from conftest import REPOSITORY, script, seed_layout
 
 # Refusals happen before training, so the command line can ask for the smallest model ResNet50 allows.
 SMALL_RUN = ["--weights", "none", "--image-size", "32"]
@@ -241,3 +243,75 @@ def test_command_line_run_with_a_deleted_training_image_is_refused(data_dir, out
     # Only the one message: TensorFlow's start-up and cuInit lines are kept out of stderr.
     assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1, completed.stderr
     assert not (output_dir / "submission.csv").exists()
+
+
+def test_the_competition_folder_without_test_studies_names_the_file_and_no_test(tmp_path, capsys):
+    """The missing test_series_descriptions.csv used to surface as OUT/prepared/test.csv "not found", a file the
+    tool makes itself. Now the competition's file is named, with the way to train without a test set."""
+    competition = tmp_path / "competition"
+    competition.mkdir()
+    (competition / "train_series_descriptions.csv").write_text("study_id,series_id,series_description\n1,2,T1\n")
+    output_dir = tmp_path / "output"
+    assert script.main(["--data-dir", str(competition), "--output-dir", str(output_dir)]) == 2
+    message = capsys.readouterr().err
+    assert f"{competition / 'test_series_descriptions.csv'}: file not found" in message and "--no-test" in message
+    assert not output_dir.exists()
+
+
+def test_weights_that_are_no_hdf5_file_are_refused_before_anything_is_written(tmp_path, capsys):
+    root = seed_layout(tmp_path / "data")
+    weights = tmp_path / "weights.h5"
+    weights.write_text("not weights\n")
+    output_dir = tmp_path / "output"
+    assert script.main(["--weights", str(weights), "--data-dir", str(root), "--output-dir", str(output_dir)]) == 2
+    assert f"--weights {weights}: not an HDF5 weights file" in capsys.readouterr().err
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        pytest.param("folder", "is a folder, not a model file", id="folder"),
+        pytest.param("random.zip", "a zip archive, but not a Keras model file", id="random zip"),
+    ],
+)
+def test_predict_names_a_model_folder_or_a_foreign_zip_in_one_line(model, expected, tiny_dataset, tmp_path, capsys):
+    """--model DIR without a run's config.json said "file not found", and a zip that is no Keras model gave
+    Keras' many-line TFSMLayer text; each now gets one line of its own."""
+    (tmp_path / "folder").mkdir()
+    with script.zipfile.ZipFile(tmp_path / "random.zip", "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    output_dir = tmp_path / "output"
+    argv = [
+        "predict",
+        "--model",
+        str(tmp_path / model),
+        "--data-dir",
+        str(tiny_dataset),
+        "--output-dir",
+        str(output_dir),
+    ]
+    assert script.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: --model {tmp_path / model}: {expected}") and message.count("\n") == 1
+    assert not output_dir.exists()
+
+
+def test_predict_refuses_a_model_of_another_shape_and_a_damaged_config(tmp_path, capsys):
+    """A valid .keras file of five classes, and a config.json without best_constants, are refused by name, before
+    any output folder exists."""
+    root = seed_layout(tmp_path / "data")
+    inputs = script.keras.Input((32, 32, 3))
+    five_classes = script.keras.Model(inputs, script.layers.Dense(5)(script.layers.Flatten()(inputs)))
+    five_classes.save(tmp_path / "five.keras")
+    output_dir = tmp_path / "output"
+    predict = ["predict", "--data-dir", str(root), "--output-dir", str(output_dir), "--model"]
+    assert script.main([*predict, str(tmp_path / "five.keras")]) == 2
+    assert "a severity model maps RGB images" in capsys.readouterr().err
+    test = pd.read_csv(root / "test.csv", dtype=str, keep_default_na=False)
+    test.loc[0, "image_path"] = ""
+    test.to_csv(root / "test.csv", index=False)
+    (tmp_path / "config.json").write_text("{}")
+    assert script.main([*predict, str(tmp_path / "five.keras")]) == 2
+    assert f"{tmp_path / 'config.json'}: not a training run's config.json" in capsys.readouterr().err
+    assert not output_dir.exists()
