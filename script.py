@@ -851,8 +851,13 @@ def read_slice(path, without_spacing=None):
 
     A slice without PixelSpacing is taken as 1 mm per pixel; its path is appended to the list without_spacing, when
     one is given, so that the summary can name its series."""
+    dataset = load_pydicom().dcmread(path, force=True)  # Also files written without the 128-byte preamble.
+    return slice_pixels(dataset, path, without_spacing)
+
+
+def slice_pixels(dataset, path, without_spacing=None):
+    """read_slice's result from a file already read (its dataset)."""
     pydicom = load_pydicom()
-    dataset = pydicom.dcmread(path, force=True)  # Also files written without the 128-byte preamble.
     # Rescale slope and intercept may differ between slices of one series, so apply them before
     # windowing the series as a whole.
     pixels = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
@@ -885,8 +890,19 @@ def decoding_cause(error):
 
 def intensity_window(slices):
     """The (low, high) intensities that one series' 8-bit window maps to 0 and 255."""
-    # Every second pixel in each direction gives the same percentiles at a quarter of the cost.
-    return tuple(np.percentile(np.concatenate([pixels[::2, ::2].ravel() for pixels in slices]), WINDOW_PERCENTILES))
+    return window_of_samples([window_samples(pixels, step=2) for pixels in slices])
+
+
+def window_samples(pixels, step=None):
+    """The pixels of a slice that its series' window is taken from: every `step`-th in each direction (by default,
+    about 256 along the longer side). Every second pixel gives the same percentiles at a quarter of the cost."""
+    step = step or max(1, max(pixels.shape) // 256)
+    return pixels[::step, ::step].ravel()
+
+
+def window_of_samples(samples):
+    """The (low, high) window of a series from its slices' window_samples."""
+    return tuple(np.percentile(np.concatenate(samples), WINDOW_PERCENTILES))
 
 
 def to_uint8(image, window):
@@ -911,22 +927,15 @@ def slice_triplet(instance_numbers, instance_number):
     return tuple(instance_numbers[index] for index in indices)
 
 
-def neighbours_along_normal(series_dir):
-    """{instance number: (previous, itself, next)} by position along the normal, within each sub-stack; the edge
-    slice stands in for its missing neighbour at either end."""
+def neighbours_along_normal(stacks):
+    """{instance number: (previous, itself, next)} by position along the normal, within each sub-stack (read_stacks);
+    the edge slice stands in for its missing neighbour at either end."""
     neighbours = {}
-    for stack in read_stacks(series_dir):
+    for stack in stacks:
         numbers = stack.instance_numbers
         for number in numbers:
             neighbours[number] = slice_triplet(numbers, number)
     return neighbours
-
-
-def read_slices(series_dir, instance_numbers, without_spacing=None):
-    """Read the given instances of a series: (dict of readable slices, "path: cause" of each broken file).
-
-    Paths of slices without PixelSpacing are appended to without_spacing, when a list is given (read_slice)."""
-    return read_slice_files({number: series_dir / f"{number}.dcm" for number in instance_numbers}, without_spacing)
 
 
 def read_slice_files(paths, without_spacing=None):
@@ -1034,10 +1043,17 @@ class Stack:
 
 
 def read_slice_header(path):
-    """The geometry tags of one DICOM file, without decoding its pixels; None if it has none."""
-    pydicom = load_pydicom()
+    """The geometry tags of one DICOM file, without reading its pixels; None if it has none."""
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        dataset = load_pydicom().dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # A damaged or foreign file: it simply does not take part in the geometry.
+        return None
+    return slice_header(dataset, path)
+
+
+def slice_header(dataset, path):
+    """The geometry tags of a file already read (its dataset); None if it has none."""
+    try:
         position = tuple(float(value) for value in dataset.ImagePositionPatient)
         orientation = tuple(float(value) for value in dataset.ImageOrientationPatient)
         spacing = tuple(float(value) for value in (dataset.get("PixelSpacing") or (1.0, 1.0)))
@@ -1054,6 +1070,11 @@ def read_stacks(series_dir):
     """A series as its stacks: slices grouped by orientation, pixel spacing and size, each sorted along its normal.
     Largest stack first."""
     headers = [header for header in map(read_slice_header, sorted(Path(series_dir).glob("*.dcm"))) if header]
+    return group_stacks(series_dir, headers)
+
+
+def group_stacks(series_dir, headers):
+    """read_stacks' stacks from the series' SliceHeaders."""
     groups = []
     for header in headers:
         for group in groups:
@@ -1075,6 +1096,65 @@ def read_stacks(series_dir):
     return sorted(stacks, key=lambda stack: -len(stack.slices))
 
 
+# Where every slice of a series is needed (the localiser's slices), its files are each read once, whole, and decoded
+# one at a time: the tags give the stacks, the pixels the localiser's slices and, in the same pass, prepare's crops.
+
+
+@dataclass
+class SeriesFiles:
+    """Every DICOM file of one series, read once with its pixel data still encoded, to be decoded one slice at a
+    time (decode): so a series never lies in memory decoded, and no file is read or decoded twice."""
+
+    stacks: list  # read_stacks' stacks, from the files' tags
+    datasets: dict  # path → its pydicom dataset, until decoded
+    undecodable: dict  # path → "path: cause", for a file that cannot be read or decoded
+    keep: set = field(default_factory=set)  # paths whose decoded slice is kept for a second use (a crop)
+    kept: dict = field(default_factory=dict)  # path → read_slice's result
+    without_spacing: list = field(default_factory=list)  # paths of slices without PixelSpacing
+
+    def decode(self, path):
+        """read_slice's result for one file of the series, decoded once (a kept one is handed out again); None if
+        it cannot be read or decoded. Its encoded data is released."""
+        if path in self.kept:
+            return self.kept[path]
+        dataset = self.datasets.pop(path, None)
+        if dataset is None:
+            return None
+        try:
+            decoded = slice_pixels(dataset, path, self.without_spacing)
+        except Exception as error:  # As read_slice_files: a broken file is skipped and named, never a crash.
+            self.undecodable[path] = f"{path}: {decoding_cause(error)}"
+            return None
+        if path in self.keep:
+            self.kept[path] = decoded
+        return decoded
+
+    def slices(self, paths):
+        """read_slice_files' result for the given {key: path} of this series."""
+        slices = {key: self.decode(path) for key, path in paths.items()}
+        failed = [
+            self.undecodable.get(path, f"{path}: file not found") for key, path in paths.items() if not slices[key]
+        ]
+        return {key: value for key, value in slices.items() if value}, failed
+
+
+def read_series_files(series_dir):
+    """A series' files, each read once (SeriesFiles); a file that cannot be read is named, one without position
+    tags takes no part in the stacks."""
+    pydicom = load_pydicom()
+    datasets, undecodable, headers = {}, {}, []
+    for path in sorted(Path(series_dir).glob("*.dcm")):
+        try:
+            datasets[path] = pydicom.dcmread(path, force=True)
+        except Exception as error:
+            undecodable[path] = f"{path}: {decoding_cause(error)}"
+            continue
+        header = slice_header(datasets[path], path)
+        if header:
+            headers.append(header)
+    return SeriesFiles(group_stacks(series_dir, headers), datasets, undecodable)
+
+
 # The level localiser reads whole series: every slice windowed like prepare's crops, resized to the localiser's
 # square input and kept as uint8 (LOCALISER_IMAGE_SIZE² bytes a slice), each stack with its geometry.
 
@@ -1087,28 +1167,70 @@ class Volume:
     images: np.ndarray  # (slices, size, size) uint8, in stack order.
 
 
-def read_volume(stack, image_size):
-    """Decode, window and resize every slice of a stack; None if none of its slices decodes."""
-    slices, _ = read_slice_files({index: header.path for index, header in enumerate(stack.slices)})
-    if not slices:
+def read_volume(stack, image_size, files):
+    """Decode every slice of a stack from its series' files (read_series_files), one at a time, resize it to the
+    localiser's input and window the stack as a whole; None if none of its slices decodes. Only the resized slices
+    and a sample of each slice's pixels are held, never the series decoded; a slice that cannot be decoded is black."""
+    resized = np.zeros((len(stack.slices), image_size, image_size), np.float32)
+    samples = []
+    for index, header in enumerate(stack.slices):
+        decoded = files.decode(header.path)
+        if decoded is not None:
+            samples.append(window_samples(decoded[0]))
+            resized[index] = cv2.resize(decoded[0], (image_size, image_size), interpolation=cv2.INTER_AREA)
+    if not samples:
         return None
-    window = intensity_window([pixels for pixels, _, _ in slices.values()])
-    images = np.zeros((len(stack.slices), image_size, image_size), np.uint8)
-    for index, (pixels, _, _) in slices.items():
-        images[index] = cv2.resize(to_uint8(pixels, window), (image_size, image_size), interpolation=cv2.INTER_AREA)
-    return Volume(stack, images)
+    return Volume(stack, to_uint8(resized, window_of_samples(samples)))
 
 
 # Each study's slices are read once and kept in a cache: the volumes of every stack as one uint8 array in
 # CACHE/{study_id}.npy, memory-mapped when read, and their geometry in CACHE/{study_id}.json, which also records what
 # they were made from (each file's size and time, the image size, the window). A cache that no longer matches its
 # sources is made again, never mixed with them.
-SLICE_CACHE_VERSION = 1
+SLICE_CACHE_VERSION = 2
 
 
 def slice_cache(output_dir, split):
     """The slice cache of a split's studies, in a run's output folder."""
     return output_dir / "cache" / f"{split}_slices"
+
+
+def volume_stacks(study_id, volumes):
+    """{(study_id, series_id): (stack, ...)} of a study's volumes ({kind: [Volume, ...]})."""
+    stacks = {}
+    for volume in (volume for kind_volumes in volumes.values() for volume in kind_volumes):
+        key = (study_id, volume.stack.series_id)
+        stacks[key] = stacks.get(key, ()) + (volume.stack,)
+    return stacks
+
+
+def split_slice_cache(competition_dir, output_dir, split, image_size):
+    """The SliceCache of one split of a competition, in a run's output folder."""
+    series = study_series(read_series_descriptions(competition_dir, split))
+    return SliceCache(slice_cache(output_dir, split), image_size, series)
+
+
+@dataclass(frozen=True)
+class SliceCache:
+    """A split's slice cache as prepare uses it (cut_crops): where it is, the localiser's input size, and each
+    study's listed series ({study_id: {kind: [series_id, ...]}})."""
+
+    directory: Path
+    image_size: int
+    series: dict
+
+
+def cached_stacks(cache, images_dir, study_ids):
+    """({(study_id, series_id): stacks} of the studies whose cached slices are current, the set of those studies)."""
+    known, current = {}, set()
+    for study_id in sorted(set(study_ids) & set(cache.series)):
+        source = volume_sources(images_dir / study_id, cache.series[study_id], cache.image_size)
+        volumes = read_cached_volumes(cache.directory, study_id, images_dir, source)
+        if volumes is None:
+            continue
+        current.add(study_id)
+        known |= volume_stacks(study_id, volumes)
+    return known, current
 
 
 def study_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir=None):
@@ -1120,18 +1242,34 @@ def study_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir=No
         if cached is not None:
             return cached
     volumes = {}
+    for kind, _, files in listed_series_files(images_dir / study_id, series_by_kind):
+        add_volumes(volumes, kind, files, image_size)
+    return cached_volumes(cache_dir, study_id, images_dir, volumes, source)
+
+
+def listed_series_files(study_dir, series_by_kind):
+    """(kind, series_id, SeriesFiles) for each listed series of a study, read one series at a time."""
     for kind, series_ids in series_by_kind.items():
         for series_id in series_ids:
-            for stack in read_stacks(images_dir / study_id / series_id):
-                volume = read_volume(stack, image_size)
-                if volume is not None:
-                    volumes.setdefault(kind, []).append(volume)
-    for kind_volumes in volumes.values():
-        kind_volumes.sort(key=lambda volume: -len(volume.images))
+            yield kind, series_id, read_series_files(study_dir / series_id)
+
+
+def add_volumes(volumes, kind, files, image_size):
+    """Add a series' stacks to a study's {kind: [Volume, ...]}, each kind's largest stack first."""
+    for stack in files.stacks:
+        volume = read_volume(stack, image_size, files)
+        if volume is not None:
+            volumes.setdefault(kind, []).append(volume)
+    volumes.get(kind, []).sort(key=lambda volume: -len(volume.images))
+
+
+def cached_volumes(cache_dir, study_id, images_dir, volumes, source):
+    """A study's volumes as read, or with a cache_dir, written there and read back memory-mapped, so that RAM stays
+    flat in the number of studies."""
     if cache_dir is None:
         return volumes
     write_cached_volumes(cache_dir, study_id, volumes, source)
-    return read_cached_volumes(cache_dir, study_id, images_dir, source)  # Memory-mapped: RAM stays flat in studies.
+    return read_cached_volumes(cache_dir, study_id, images_dir, source)
 
 
 def cache_volumes(images_dir, study_id, series_by_kind, image_size, cache_dir):
@@ -1212,17 +1350,19 @@ def prepare_competition(
     crop_mm=PREPARE_CROP_MM,
     crop_pixels=PREPARE_CROP_PIXELS,
     workers=WORKERS,
+    cache=None,
 ):
     """Write the seed layout (OUT/{split}.csv and OUT/images/{split}/) from the competition's files.
 
     Train rows without a label, coordinate or image are left out; test rows are all kept, with
     an empty image_path where there is no crop. Existing crops are kept, so a rerun resumes.
+    With the split's slice cache (SliceCache), its studies are read in one pass for both (cut_crops).
     Returns a summary dict with counts and the names of missing and undecodable files.
     """
     competition_dir, out_dir = Path(competition_dir), Path(out_dir)
     rows, skipped = read_split_rows(competition_dir, split, coordinates)
     images_dir = competition_dir / f"{split}_images"
-    results = cut_crops(rows, images_dir, out_dir, f"images/{split}", crop_mm, crop_pixels, workers)
+    results = cut_crops(rows, images_dir, out_dir, f"images/{split}", crop_mm, crop_pixels, workers, cache)
     written = [name for result in results for name in result.written]
     kept = [name for result in results for name in result.kept]
     outside = [name for result in results for name in result.outside_image]
@@ -1255,20 +1395,28 @@ def prepare_competition(
     }
 
 
-def cut_crops(rows, images_dir, out_dir, crops_folder, crop_mm, crop_pixels, workers):
+def cut_crops(rows, images_dir, out_dir, crops_folder, crop_mm, crop_pixels, workers, cache=None):
     """Cut the crops of `rows` (those with a coordinate) from the DICOMs in images_dir into out_dir/crops_folder,
     keeping those already cut from the same source; sets rows' "crop" name and "image_path" (relative to out_dir,
-    empty where there is no crop). Returns one SeriesResult per series."""
+    empty where there is no crop). Returns one SeriesResult per series.
+
+    With the split's slice cache (SliceCache), a study already in it gives its stacks (no tags read again), and a
+    study not yet in it is read in one pass that fills it and cuts the crops (cache_and_crop_study)."""
     rows["crop"] = crop_names(rows)
     output_dir = out_dir / crops_folder
-    tasks = crop_tasks(rows, images_dir, output_dir)
+    known, uncached = {}, set()
+    if cache is not None:
+        study_ids = set(rows.dropna(subset=["series_id"])["study_id"])
+        known, cached = cached_stacks(cache, images_dir, study_ids)
+        uncached = (study_ids & set(cache.series)) - cached
+    tasks = crop_tasks(rows, images_dir, output_dir, known)
     if tasks:
         if not images_dir.is_dir():
             raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
         load_pydicom()
     output_dir.mkdir(parents=True, exist_ok=True)
     refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
-    results = run_crop_tasks(tasks, crop_mm, crop_pixels, workers)
+    results = run_crop_tasks(crop_jobs(tasks, crop_mm, crop_pixels, cache, uncached), workers)
     cut = {name for result in results for name in result.written + result.kept}
     rows["image_path"] = (f"{crops_folder}/" + rows["crop"] + ".png").where(rows["crop"].isin(cut), "")
     return results
@@ -1287,10 +1435,12 @@ class Crop:
 
 @dataclass(frozen=True)
 class SeriesTask:
-    """All crops requested from one series, so each slice is read and windowed once."""
+    """All crops requested from one series, so each slice is read and windowed once; with the series' stacks when
+    they are known (from the slice cache, or a study just read), so its files' tags are not read again."""
 
     series_dir: Path
     crops: tuple
+    stacks: tuple | None = None
 
 
 @dataclass
@@ -1349,10 +1499,12 @@ def write_png(path, image):
     write_atomically(path, encoded.tofile)
 
 
-def crop_series(task, crop_mm, crop_pixels):
+def crop_series(task, crop_mm, crop_pixels, files=None):
     """Write every missing crop of one series; a missing or broken file only skips its crops.
 
-    A crop's red, green and blue channels are the previous, labelled and next slice along the normal.
+    A crop's red, green and blue channels are the previous, labelled and next slice along the normal. Its slices
+    come from `files` when the series has just been read whole (read_series_files), else from their files; the
+    stacks from `files`, the task, or the files' tags.
     """
     result = SeriesResult()
     pending = [crop for crop in task.crops if not crop.output_path.exists()]
@@ -1362,21 +1514,15 @@ def crop_series(task, crop_mm, crop_pixels):
     if not task.series_dir.is_dir():
         result.missing_files.append(f"{task.series_dir}/")
         return result
-    instance_numbers = series_instances(task.series_dir)
-    neighbours = neighbours_along_normal(task.series_dir)
-    triplets = {}
-    for crop in task.crops:
-        if crop.instance_number in neighbours:
-            triplets[crop] = neighbours[crop.instance_number]
-        elif crop.instance_number in instance_numbers:  # A file without geometry tags: its number's neighbours.
-            triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
-        elif crop in pending:
-            result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
-            result.missing_instance.append(crop.name)
+    triplets = crop_triplets(task, pending, files.stacks if files else task.stacks, result)
     # Read the slices of every crop, also those already on disk, so the window does not depend
     # on which crops a resumed run still had to write.
-    instances = sorted(set().union(*triplets.values()))
-    slices, result.undecodable_files = read_slices(task.series_dir, instances, result.without_spacing)
+    paths = triplet_paths(task, triplets)
+    if files is None:
+        slices, result.undecodable_files = read_slice_files(paths, result.without_spacing)
+    else:
+        slices, result.undecodable_files = files.slices(paths)
+        result.without_spacing = list(files.without_spacing)
     if not slices:
         return result
     window = intensity_window([pixels for pixels, _, _ in slices.values()])
@@ -1400,6 +1546,28 @@ def crop_series(task, crop_mm, crop_pixels):
     return result
 
 
+def crop_triplets(task, pending, stacks, result=None):
+    """{crop: (previous, its own, next instance number)} for a series' crops, from its stacks (read here when not
+    given); a pending crop whose instance is missing is recorded in result."""
+    instance_numbers = series_instances(task.series_dir)
+    neighbours = neighbours_along_normal(read_stacks(task.series_dir) if stacks is None else stacks)
+    triplets = {}
+    for crop in task.crops:
+        if crop.instance_number in neighbours:
+            triplets[crop] = neighbours[crop.instance_number]
+        elif crop.instance_number in instance_numbers:  # A file without geometry tags: its number's neighbours.
+            triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
+        elif crop in pending and result is not None:
+            result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
+            result.missing_instance.append(crop.name)
+    return triplets
+
+
+def triplet_paths(task, triplets):
+    """{instance number: path} of every slice the crops' triplets use."""
+    return {number: task.series_dir / f"{number}.dcm" for number in sorted(set().union(*triplets.values()))}
+
+
 def crop_names(rows):
     """Each row's crop name: its row_id, or row_id_instance for a row_id listed once per slice it mixes."""
     several = rows["row_id"].duplicated(keep=False)
@@ -1407,8 +1575,10 @@ def crop_names(rows):
     return rows["row_id"].where(~several, rows["row_id"] + "_" + instance)
 
 
-def crop_tasks(rows, images_dir, output_dir):
-    """Group the rows that have a coordinate (and their crop name) into one task per series."""
+def crop_tasks(rows, images_dir, output_dir, known_stacks=None):
+    """Group the rows that have a coordinate (and their crop name) into one task per series, with the series' stacks
+    where known_stacks ({(study_id, series_id): stacks}) has them."""
+    known_stacks = known_stacks or {}
     crops_by_series = {}
     points = rows.dropna(subset=["series_id"])[["study_id", "series_id", "crop", "instance_number", "x", "y"]]
     # One pass over plain tuples: a pandas groupby takes seconds for the ~6,000 series.
@@ -1416,7 +1586,7 @@ def crop_tasks(rows, images_dir, output_dir):
         crop = Crop(name, int(instance_number), x, y, output_dir / f"{name}.png")
         crops_by_series.setdefault((study_id, series_id), []).append(crop)
     return [
-        SeriesTask(images_dir / study_id / series_id, tuple(crops))
+        SeriesTask(images_dir / study_id / series_id, tuple(crops), known_stacks.get((study_id, series_id)))
         for (study_id, series_id), crops in crops_by_series.items()
     ]
 
@@ -1461,25 +1631,78 @@ def refresh_crop_record(crops_dir, sources):
     return len(stale)
 
 
-def run_crop_tasks(tasks, crop_mm, crop_pixels, workers):
-    """Run the series tasks on `workers` processes (decoding_pool) with a progress bar; returns one result per task.
+@dataclass(frozen=True)
+class CropJob:
+    """Work for one worker process: a function returning a list of SeriesResult, how many crops it cuts, and the
+    folder it reads (named if the worker dies)."""
+
+    function: object
+    arguments: tuple
+    crops: int
+    reads: str
+
+
+def crop_jobs(tasks, crop_mm, crop_pixels, cache=None, uncached=()):
+    """One job per series task; but a study of `uncached` (not yet in the slice cache) is one job that reads it once
+    for both the cache and its crops (cache_and_crop_study)."""
+    jobs, by_study = [], {}
+    for task in tasks:
+        study_dir = task.series_dir.parent
+        if study_dir.name in uncached:
+            by_study.setdefault(study_dir, []).append(task)
+        else:
+            jobs.append(CropJob(crop_one_series, (task, crop_mm, crop_pixels), len(task.crops), str(task.series_dir)))
+    for study_dir, study_tasks in by_study.items():
+        arguments = (study_dir.parent, study_dir.name, cache, study_tasks, crop_mm, crop_pixels)
+        crops = sum(len(task.crops) for task in study_tasks)
+        jobs.append(CropJob(cache_and_crop_study, arguments, crops, str(study_dir)))
+    return jobs
+
+
+def crop_one_series(task, crop_mm, crop_pixels):
+    return [crop_series(task, crop_mm, crop_pixels)]
+
+
+def run_crop_tasks(jobs, workers):
+    """Run the crop jobs on `workers` processes (decoding_pool) with a progress bar; returns their SeriesResults.
 
     On a terminal the progress is a bar; in a saved log or a notebook, a plain line every tenth of the crops.
     """
-    total = sum(len(task.crops) for task in tasks)
+    total = sum(job.crops for job in jobs)
     progress = keras.utils.Progbar(total, unit_name="crop") if sys.stdout.isatty() else None
     results, done, tenths = [], 0, 0
     with decoding_pool(workers) as pool:
-        futures = [pool.submit(crop_series, task, crop_mm, crop_pixels) for task in tasks]
-        for task, future in zip(tasks, futures):
-            results.append(result_of_worker(future, futures, [str(task.series_dir) for task in tasks]))
-            done += len(task.crops)
+        futures = [pool.submit(job.function, *job.arguments) for job in jobs]
+        for job, future in zip(jobs, futures):
+            results += result_of_worker(future, futures, [job.reads for job in jobs])
+            done += job.crops
             if progress is not None:
-                progress.add(len(task.crops))
+                progress.add(job.crops)
             elif done * 10 // total > tenths:
                 tenths = done * 10 // total
                 print(f"crops: {done:,}/{total:,} ({done / total:.0%})", flush=True)
     return results
+
+
+def cache_and_crop_study(images_dir, study_id, cache, tasks, crop_mm, crop_pixels):
+    """One study read in one pass: each file of its listed series read and decoded once, for the localiser's slice
+    cache and for the crops that the tasks ask of those series (the slices a crop needs are kept while the series is
+    decoded). Tasks on series the listing lacks are cut as usual. Returns the tasks' SeriesResults."""
+    series_by_kind = cache.series[study_id]
+    source = volume_sources(images_dir / study_id, series_by_kind, cache.image_size)
+    by_series = {task.series_dir.name: task for task in tasks}
+    volumes, results = {}, []
+    for kind, series_id, files in listed_series_files(images_dir / study_id, series_by_kind):
+        task = by_series.pop(series_id, None)
+        if task is not None:
+            pending = [crop for crop in task.crops if not crop.output_path.exists()]
+            if pending:
+                files.keep = set(triplet_paths(task, crop_triplets(task, pending, files.stacks)).values())
+        add_volumes(volumes, kind, files, cache.image_size)
+        if task is not None:
+            results.append(crop_series(task, crop_mm, crop_pixels, files))
+    write_cached_volumes(cache.directory, study_id, volumes, source)
+    return results + [crop_series(task, crop_mm, crop_pixels) for task in by_series.values()]
 
 
 def decoding_pool(workers):
@@ -2399,7 +2622,8 @@ def localiser_for_run(competition, table, validation_rows, settings, options, ou
     if progress.done and path.is_file():
         print(f"localiser: finished before the interruption, so {path} is used as it is")
         report_points = validation_points if validation_points.is_file() else None
-        return Localiser.load(path), LocaliserReport(progress.report, competition, prepared, report_points)
+        cache = split_slice_cache(competition, output_dir, "train", settings.localiser_image_size)
+        return Localiser.load(path), LocaliserReport(progress.report, competition, prepared, report_points, cache)
     coordinates = read_coordinates(competition / "train_label_coordinates.csv")
     validation = set(study_ids(table["row_id"].iloc[validation_rows]))
     labelled = sorted(set(coordinates["study_id"]))
@@ -2433,7 +2657,8 @@ def localiser_for_run(competition, table, validation_rows, settings, options, ou
         report_points = write_csv(localised_rows(found, mixed=True), validation_points)
     progress.done, progress.report = True, metrics
     progress.save()
-    return localiser, LocaliserReport(metrics, competition, prepared, report_points)
+    cache = split_slice_cache(competition, output_dir, "train", size)
+    return localiser, LocaliserReport(metrics, competition, prepared, report_points, cache)
 
 
 def count_unused_labels(coordinates, wanted_studies, studies):
@@ -2460,6 +2685,7 @@ class LocaliserReport:
     competition_dir: Path
     prepared: Path
     validation_points: Path | None  # The points it found in the validation studies, as coordinates.
+    slice_cache: SliceCache | None = None  # The training studies' slices, and so their stacks.
 
 
 # The localiser's output channels: one per canal level, one per foramen level (either side; the slice says which),
@@ -4216,7 +4442,8 @@ def severity_at_found_points(report, model_path, table, validation_rows, options
     points = points[points["row_id"].isin(set(labelled.index))].reset_index(drop=True)
     with contextlib.redirect_stdout(io.StringIO()):  # The crops' progress: not this report's business.
         images_dir = report.competition_dir / "train_images"
-        cut_crops(points, images_dir, found_dir, "images", PREPARE_CROP_MM, PREPARE_CROP_PIXELS, options.workers)
+        cache = report.slice_cache
+        cut_crops(points, images_dir, found_dir, "images", PREPARE_CROP_MM, PREPARE_CROP_PIXELS, options.workers, cache)
     points = points[points["image_path"] != ""]
     if points.empty:
         return {}
@@ -4279,7 +4506,13 @@ def train(options):
     localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
     if competition:
         refuse_missing_test_listing(competition, "train", options.no_test)
-        options.data_dir = prepare_split(competition, options.output_dir / "prepared", "train", None, options.workers)
+        # With a localiser to train, its slices are cached in the same pass over the DICOMs as the crops are cut.
+        cache = None
+        if localiser_run:
+            cache = split_slice_cache(competition, options.output_dir, "train", localiser_run.localiser_image_size)
+        options.data_dir = prepare_split(
+            competition, options.output_dir / "prepared", "train", None, options.workers, cache
+        )
     run = start_run(options, settings, localiser_run, competition)
     print_time_estimate(run, competition)
     if competition:
@@ -4287,8 +4520,7 @@ def train(options):
             competition, run.table, run.folds[0][1], run.localiser_settings, options, run.output_dir
         )
         if not options.no_test:
-            cache = slice_cache(run.output_dir, "test")
-            prepare_test_split(competition, options.data_dir, localiser, options.workers, cache)
+            prepare_test_split(competition, options.data_dir, localiser, options.workers, run.output_dir)
         run.test_table = load_test_table_unless(options.no_test, options.data_dir)
         keras.backend.clear_session()  # The localiser is done with: free it before the severity model is built.
     keras.utils.set_random_seed(options.seed)
@@ -4618,7 +4850,8 @@ def study_predictions(images_dir, study_id, series_by_kind, localiser, grader, c
         points_path = write_csv(points, study_dir / "points.csv")
         rows = submission_rows(rows[["row_id"]].assign(study_id=study_id), read_coordinates(points_path))
         rows["crop"] = crop_names(rows)
-        tasks = crop_tasks(rows, images_dir, study_dir)
+        stacks = volume_stacks(study_id, study.volumes)  # Just read: their files' tags are not read again.
+        tasks = crop_tasks(rows, images_dir, study_dir, stacks)
         for future in [pool.submit(crop_series, task, PREPARE_CROP_MM, PREPARE_CROP_PIXELS) for task in tasks]:
             result = result_of_worker(future, [future], [str(images_dir / study_id)])
             unread += result.missing_files + result.undecodable_files
@@ -4763,22 +4996,26 @@ def refuse_missing_test_listing(competition_dir, command, no_test=False):
         raise InputError(f"{listing}: file not found; it lists the test studies to predict.{without_test}")
 
 
-def prepare_split(competition_dir, prepared, split, coordinates, workers):
+def prepare_split(competition_dir, prepared, split, coordinates, workers, cache=None):
     """Turn one split of a competition folder into the seed layout in `prepared` (kept, so reruns are quick), print
-    what was done; returns the prepared folder."""
+    what was done; returns the prepared folder. With the split's SliceCache, it is filled in the same pass."""
     print(f"{competition_dir} holds the competition's layout: preparing its {split} split in {prepared}")
-    print_prepare_summary(prepare_competition(competition_dir, prepared, split, coordinates, workers=workers))
+    print_prepare_summary(
+        prepare_competition(competition_dir, prepared, split, coordinates, workers=workers, cache=cache)
+    )
     return prepared
 
 
-def prepare_test_split(competition_dir, prepared, localiser, workers, cache_dir=None):
+def prepare_test_split(competition_dir, prepared, localiser, workers, output_dir):
     """The test studies, which have no label coordinates, cropped where the localiser finds their points (every row
-    its best constant without one): prepared/test.csv with all 25 rows of every study."""
-    coordinates = None
+    its best constant without one): prepared/test.csv with all 25 rows of every study. Their slices are cached in
+    output_dir, so each DICOM is read once to localise and at most once more for a crop."""
+    coordinates = cache = None
     if localiser is not None:
         coordinates = prepared / "test_coordinates.csv"
-        localise_split(localiser, competition_dir, "test", coordinates, workers, mixed=True, cache_dir=cache_dir)
-    return prepare_split(competition_dir, prepared, "test", coordinates, workers)
+        cache = split_slice_cache(competition_dir, output_dir, "test", localiser.model.input_shape[1])
+        localise_split(localiser, competition_dir, "test", coordinates, workers, mixed=True, cache_dir=cache.directory)
+    return prepare_split(competition_dir, prepared, "test", coordinates, workers, cache)
 
 
 def run_score(solution_path, submission_path, only_submitted=False):

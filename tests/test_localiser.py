@@ -35,12 +35,50 @@ def competition(tmp_path_factory):
     )
 
 
+# Every DICOM file the training run below reads whole or in part ({path: times}), and decodes: one worker (a thread),
+# so that the counts see every read.
+READS, DECODES = {}, {}
+
+
 @pytest.fixture(scope="module")
 def trained(competition, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("localiser_run")
-    argv = [*LOCALISER_RUN, "--data-dir", str(competition.root), "--output-dir", str(output_dir)]
-    assert script.main(argv) == 0
+    argv = [*LOCALISER_RUN, "--data-dir", str(competition.root), "--output-dir", str(output_dir), "--workers", "1"]
+    pydicom, slice_pixels = script.load_pydicom(), script.slice_pixels
+
+    def counted_read(path, *arguments, **keywords):
+        READS[str(path)] = READS.get(str(path), 0) + 1
+        return dcmread(path, *arguments, **keywords)
+
+    def counted_decode(dataset, path, *arguments):
+        DECODES[str(path)] = DECODES.get(str(path), 0) + 1
+        return slice_pixels(dataset, path, *arguments)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        dcmread = pydicom.dcmread
+        monkeypatch.setattr(pydicom, "dcmread", counted_read)
+        monkeypatch.setattr(script, "slice_pixels", counted_decode)
+        assert script.main(argv) == 0
     return output_dir
+
+
+def test_a_training_run_reads_each_dicom_at_most_twice_and_decodes_it_once_a_read(competition, trained):
+    """One pass over each training study makes both the localiser's slices and the labelled crops; the validation
+    and test studies are read once more, for the slices of the crops at their found points, and nothing else is."""
+    files = {str(path) for path in competition.root.rglob("*.dcm")}
+    assert set(READS) == files  # Every study is read: the training, validation and test ones.
+    assert max(READS.values()) == 2 and all(DECODES.get(path, 0) <= READS[path] for path in files)
+    found_in = set(pd.read_csv(trained / "prepared" / "validation_coordinates.csv", dtype=str)["study_id"])
+    trained_on = {path for path in files if "/train_images/" in path and path.split("/")[-3] not in found_in}
+    assert trained_on and all(READS[path] == 1 for path in trained_on)
+
+
+def test_the_one_pass_cuts_the_crops_that_the_prepare_command_cuts(competition, trained, tmp_path):
+    assert script.main(["prepare", "--competition-dir", str(competition.root), "--out-dir", str(tmp_path)]) == 0
+    prepared = sorted((tmp_path / "images" / "train").glob("*.png"))
+    assert len(prepared) > 100
+    for path in prepared:
+        assert path.read_bytes() == (trained / "prepared" / "images" / "train" / path.name).read_bytes(), path.name
 
 
 def world_errors(competition, points):
