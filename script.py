@@ -2535,7 +2535,7 @@ KAGGLE_HOURS = 9  # a Kaggle notebook's limit
 # A localiser step per slice against plain ResNet50's per image at its size: its pyramid, heatmap head and warps
 # (0.098-0.115 s a slice in benchmarks/localiser.py against the probe's 0.042 s at 128 px, 2 cores, 2026-12-04).
 LOCALISER_STEP_COST = 2.5
-DICOM_READS_PER_FILE = 3  # prepare's headers and crops, the localiser's slices (until each file is read once)
+DICOM_READS_PER_FILE = 1.1  # one pass over every file; the slices of the crops at found points once more
 
 
 def print_time_estimate(run, competition):
@@ -2551,7 +2551,7 @@ def print_time_estimate(run, competition):
     if severity_images + localiser_images < ESTIMATE_FROM_IMAGE_STEPS:
         return None
     hours = {
-        "reading the DICOMs": reading_seconds(competition) / 3600 if competition else 0.0,
+        "reading the DICOMs": reading_seconds(competition) / run.options.workers / 3600 if competition else 0.0,
         "localiser": localiser_images * LOCALISER_STEP_COST * seconds_per_slice(localiser) / 3600,
         "severity model": severity_images * training_seconds_per_image(settings.image_size) / 3600,
     }
@@ -2592,8 +2592,8 @@ def training_seconds_per_image(image_size, batch=8):
 
 
 def reading_seconds(competition, sample=8):
-    """Seconds to read the competition's DICOMs DICOM_READS_PER_FILE times: a few files decoded and timed, times
-    their number."""
+    """Seconds for one worker to read the competition's DICOMs DICOM_READS_PER_FILE times: a few files decoded and
+    timed, times their number."""
     paths = sorted((competition / "train_images").glob("*/*/*.dcm")) + sorted(
         (competition / "test_images").glob("*/*/*.dcm")
     )

@@ -23,10 +23,10 @@ def test_a_run_beyond_kaggles_limit_says_so_and_what_to_change(monkeypatch, caps
 
 def test_the_localiser_and_the_dicoms_are_counted_by_stage(monkeypatch, capsys, tmp_path):
     """The localiser's epochs of slices (three series kinds per study, at least its minimum an epoch) at its input
-    size, and the reading of the competition's files, each as its own stage."""
+    size, and the reading of the competition's files (by --workers processes), each as its own stage."""
     sizes = []
     monkeypatch.setattr(script, "training_seconds_per_image", lambda image_size: sizes.append(image_size) or 0.01)
-    monkeypatch.setattr(script, "reading_seconds", lambda competition: 1800.0)
+    monkeypatch.setattr(script, "reading_seconds", lambda competition: 3600.0)  # for one worker
     _, options = script.parse_arguments([])
     localiser = script.localiser_settings(options)
     table = script.pd.DataFrame({"row_id": [f"{number}_spinal_canal_stenosis_l1_l2" for number in range(400)]})
@@ -35,6 +35,7 @@ def test_the_localiser_and_the_dicoms_are_counted_by_stage(monkeypatch, capsys, 
         localiser_settings=localiser,
         folds=[(np.arange(300), np.arange(300, 400))],
         table=table,
+        options=types.SimpleNamespace(workers=2),
     )
     hours = script.print_time_estimate(run, tmp_path)
     slices = localiser.localiser_epochs * max(3 * 300 * localiser.localiser_slices_per_study, 192)
