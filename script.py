@@ -3188,14 +3188,18 @@ class Localiser:
 
 def localise_split(localiser, competition_dir, split, out_path, workers=WORKERS, mixed=False, cache_dir=None):
     """Find the points of every study in a competition split and write them as a coordinates CSV (localised_rows);
-    returns the path.
+    returns the path. The studies' slices go through a slice cache (cache_dir, or a temporary one), so they are
+    decoded by `workers` processes and memory-mapped: memory stays flat in the number of studies.
 
     Counts the (study, condition, level) rows it could not place, which keep their best constant downstream."""
     study_ids = sorted(study_series(read_series_descriptions(competition_dir, split)))
     print(f"localising {len(study_ids)} {split} studies in {competition_dir}")
     size = localiser.model.input_shape[1]
-    studies = read_localiser_studies(competition_dir, split, study_ids, size, workers=workers, cache_dir=cache_dir)
-    found = localise_studies(localiser, studies)
+    with contextlib.ExitStack() as temporary:
+        if cache_dir is None:
+            cache_dir = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="slices-")))
+        studies = read_localiser_studies(competition_dir, split, study_ids, size, workers=workers, cache_dir=cache_dir)
+        found = localise_studies(localiser, studies)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     write_csv(localised_rows(found, mixed), out_path)
     placed = sum(len(points) for points in found.values())
