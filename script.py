@@ -4510,13 +4510,7 @@ def train(options):
     localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
     if competition:
         refuse_missing_test_listing(competition, "train", options.no_test)
-        # With a localiser to train, its slices are cached in the same pass over the DICOMs as the crops are cut.
-        cache = None
-        if localiser_run:
-            cache = split_slice_cache(competition, options.output_dir, "train", localiser_run.localiser_image_size)
-        options.data_dir = prepare_split(
-            competition, options.output_dir / "prepared", "train", None, options.workers, cache
-        )
+        options.data_dir = prepare_training_split(competition, options, localiser_run)
     run = start_run(options, settings, localiser_run, competition)
     print_time_estimate(run, competition)
     if competition:
@@ -5008,6 +5002,15 @@ def prepare_split(competition_dir, prepared, split, coordinates, workers, cache=
         prepare_competition(competition_dir, prepared, split, coordinates, workers=workers, cache=cache)
     )
     return prepared
+
+
+def prepare_training_split(competition_dir, options, localiser_run):
+    """The training studies' crops in OUTPUT/prepared; with a localiser to train, its slice cache is filled in the same
+    pass over the DICOMs (cache_and_crop_study). Returns the prepared folder."""
+    cache = None
+    if localiser_run:
+        cache = split_slice_cache(competition_dir, options.output_dir, "train", localiser_run.localiser_image_size)
+    return prepare_split(competition_dir, options.output_dir / "prepared", "train", None, options.workers, cache)
 
 
 def prepare_test_split(competition_dir, prepared, localiser, workers, output_dir):
