@@ -1108,7 +1108,7 @@ class SeriesFiles:
     stacks: list  # read_stacks' stacks, from the files' tags
     datasets: dict  # path → its pydicom dataset, until decoded
     undecodable: dict  # path → "path: cause", for a file that cannot be read or decoded
-    keep: set = field(default_factory=set)  # paths whose decoded slice is kept for a second use (a crop)
+    keep: set = field(default_factory=set)  # paths whose decoded slice is kept for a crop, then the cache
     kept: dict = field(default_factory=dict)  # path → read_slice's result
     without_spacing: list = field(default_factory=list)  # paths of slices without PixelSpacing
 
@@ -1521,6 +1521,7 @@ def crop_series(task, crop_mm, crop_pixels, files=None):
     if files is None:
         slices, result.undecodable_files = read_slice_files(paths, result.without_spacing)
     else:
+        files.keep.update(paths.values())  # Decoded once: the localiser's slices of the series are made from them too.
         slices, result.undecodable_files = files.slices(paths)
         result.without_spacing = list(files.without_spacing)
     if not slices:
@@ -1546,7 +1547,7 @@ def crop_series(task, crop_mm, crop_pixels, files=None):
     return result
 
 
-def crop_triplets(task, pending, stacks, result=None):
+def crop_triplets(task, pending, stacks, result):
     """{crop: (previous, its own, next instance number)} for a series' crops, from its stacks (read here when not
     given); a pending crop whose instance is missing is recorded in result."""
     instance_numbers = series_instances(task.series_dir)
@@ -1557,7 +1558,7 @@ def crop_triplets(task, pending, stacks, result=None):
             triplets[crop] = neighbours[crop.instance_number]
         elif crop.instance_number in instance_numbers:  # A file without geometry tags: its number's neighbours.
             triplets[crop] = slice_triplet(instance_numbers, crop.instance_number)
-        elif crop in pending and result is not None:
+        elif crop in pending:
             result.missing_files.append(str(task.series_dir / f"{crop.instance_number}.dcm"))
             result.missing_instance.append(crop.name)
     return triplets
@@ -1686,8 +1687,9 @@ def run_crop_tasks(jobs, workers):
 
 def cache_and_crop_study(images_dir, study_id, cache, tasks, crop_mm, crop_pixels):
     """One study read in one pass: each file of its listed series read and decoded once, for the localiser's slice
-    cache and for the crops that the tasks ask of those series (the slices a crop needs are kept while the series is
-    decoded). Tasks on series the listing lacks are cut as usual. Returns the tasks' SeriesResults."""
+    cache and for the crops that the tasks ask of those series (a series' crops are cut first, and the slices they
+    decoded are kept for its volumes). Tasks on series the listing lacks are cut as usual. Returns the tasks'
+    SeriesResults."""
     series_by_kind = cache.series[study_id]
     source = volume_sources(images_dir / study_id, series_by_kind, cache.image_size)
     by_series = {task.series_dir.name: task for task in tasks}
@@ -1695,12 +1697,8 @@ def cache_and_crop_study(images_dir, study_id, cache, tasks, crop_mm, crop_pixel
     for kind, series_id, files in listed_series_files(images_dir / study_id, series_by_kind):
         task = by_series.pop(series_id, None)
         if task is not None:
-            pending = [crop for crop in task.crops if not crop.output_path.exists()]
-            if pending:
-                files.keep = set(triplet_paths(task, crop_triplets(task, pending, files.stacks)).values())
-        add_volumes(volumes, kind, files, cache.image_size)
-        if task is not None:
             results.append(crop_series(task, crop_mm, crop_pixels, files))
+        add_volumes(volumes, kind, files, cache.image_size)
     write_cached_volumes(cache.directory, study_id, volumes, source)
     return results + [crop_series(task, crop_mm, crop_pixels) for task in by_series.values()]
 
