@@ -1416,7 +1416,11 @@ def cut_crops(rows, images_dir, out_dir, crops_folder, crop_mm, crop_pixels, wor
         load_pydicom()
     output_dir.mkdir(parents=True, exist_ok=True)
     refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
-    results = run_crop_tasks(crop_jobs(tasks, crop_mm, crop_pixels, cache, uncached), workers)
+    try:
+        results = run_crop_tasks(crop_jobs(tasks, crop_mm, crop_pixels, cache, uncached), workers)
+    finally:  # A worker stopped mid-write (result_of_worker) leaves its temporary file (write_atomically): not kept.
+        for partial in output_dir.glob(".partial-*"):
+            partial.unlink(missing_ok=True)
     cut = {name for result in results for name in result.written + result.kept}
     rows["image_path"] = (f"{crops_folder}/" + rows["crop"] + ".png").where(rows["crop"].isin(cut), "")
     return results
@@ -1723,8 +1727,11 @@ class DecodingProcesses(concurrent.futures.ProcessPoolExecutor):
     def __exit__(self, kind, error, traceback):
         if kind is None:
             return super().__exit__(kind, error, traceback)
-        for process in list((getattr(self, "_processes", None) or {}).values()):
+        processes = list((getattr(self, "_processes", None) or {}).values())
+        for process in processes:
             process.terminate()
+        for process in processes:
+            process.join(timeout=10)  # Gone before the caller clears what they were writing.
         self.shutdown(wait=False, cancel_futures=True)
         return False
 
