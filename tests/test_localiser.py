@@ -194,22 +194,53 @@ presences = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1e-30, 1e-6, 1.0, f
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.integers(1, 6).flatmap(lambda n: st.tuples(st.lists(presences, min_size=n, max_size=n), st.integers(0, n - 1)))
+    st.integers(1, 6).flatmap(lambda n: st.tuples(st.lists(presences, min_size=n, max_size=n), st.integers(0, n - 1))),
+    st.one_of(st.just(1.0), st.floats(0.0, 1.0)),
 )
-def test_mixed_slices_always_round_trip_through_the_coordinates_reader(tmp_path_factory, case):
-    """Whatever the presences and whichever slice was chosen, the mixed rows the localiser writes are read back whole
-    by the coordinates reader (each weight a number > 0), the chosen slice among them, the weights summing to 1."""
+def test_mixed_slices_always_round_trip_through_the_coordinates_reader(tmp_path_factory, case, trust):
+    """Whatever the presences, whichever slice was chosen and however sure the chain is of the point, the mixed rows
+    the localiser writes are read back whole by the coordinates reader (each weight a number > 0), the chosen slice
+    among them, the weights summing to the point's trust."""
     slice_presences, chosen = case
     volume = a_stack(len(slice_presences))
     outputs = np.zeros((len(slice_presences), len(script.LOCALISER_CHANNELS), 3))
     outputs[:, 0] = [[0.5, 0.5, presence] for presence in slice_presences]
-    point = script.point_on(volume, range(len(outputs)), outputs, chosen, 0, "spinal_canal_stenosis", "l1_l2")
+    point = script.point_on(
+        volume, range(len(outputs)), outputs, chosen, 0, "spinal_canal_stenosis", "l1_l2", trust=trust
+    )
     path = tmp_path_factory.mktemp("mixed") / "coordinates.csv"
     script.write_csv(script.localised_rows({"1": [point]}, mixed=True), path)
     read_back = script.read_coordinates(path)
     assert len(read_back) == len(point.slices) and chosen + 1 in set(read_back["instance_number"])
     assert (read_back[script.CROP_WEIGHT] > 0).all()
-    assert read_back[script.CROP_WEIGHT].sum() == pytest.approx(1.0, abs=1e-3)
+    assert read_back[script.CROP_WEIGHT].sum() == pytest.approx(trust, abs=1e-3)
+
+
+def test_a_point_the_chain_moved_off_its_peak_is_graded_partly_as_its_best_constant():
+    """chain_trust: the chain's own peak keeps the whole prediction, a place the map gives 0.3 of its peak's
+    probability half of it (0.3 / CHAIN_TRUST_RATIO); row_probabilities gives the rest to the best constant, and a
+    total short of 1 only by the weights' rounding counts as whole."""
+    assert script.CHAIN_TRUST_RATIO == 0.6
+    assert script.chain_trust(0.0) == 1.0 and script.chain_trust(np.log(0.7)) == 1.0
+    assert script.chain_trust(np.log(0.3)) == pytest.approx(0.5)
+    table = pd.DataFrame(
+        {
+            "row_id": [
+                "1_spinal_canal_stenosis_l1_l2",
+                "1_spinal_canal_stenosis_l2_l3",
+                "1_spinal_canal_stenosis_l2_l3",
+            ],
+            "image_path": ["a.png", "b.png", "c.png"],
+            script.CROP_WEIGHT: [0.5, 0.33335, 0.6666],
+        }
+    )
+    constants = {"": [0.2, 0.3, 0.5], "spinal_canal_stenosis_l1_l2": [0.6, 0.2, 0.2]}
+    images = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    row_ids, probabilities, shares = script.row_probabilities(table, images, constants)
+    assert list(shares) == [0.5, 1.0]
+    np.testing.assert_allclose(probabilities[0], [0.8, 0.1, 0.1])
+    np.testing.assert_allclose(probabilities[1], [0.0, 0.33335 / 0.99995, 0.6666 / 0.99995])
+    assert script.needs_constants(table) and not script.needs_constants(table.iloc[1:])
 
 
 STEPS = [([0.0, 0.0, -35.0], [3.0, 3.0, 3.0])] * 4  # Each level 35 mm below the one above it.

@@ -138,7 +138,8 @@ def test_predict_reproduces_the_training_submission(tiny_dataset, tiny_run, tmp_
 
 def test_predict_mixes_the_crops_a_row_lists_by_their_weights(tiny_dataset, tiny_run, tmp_path):
     """A test.csv with crop_weight may list a row_id once per crop: its prediction is the weighted mean of theirs,
-    each as the model predicts it alone; a row whose crops all lack an image gets its best constant."""
+    each as the model predicts it alone; where their weights sum to less than 1, the rest is the row's best constant,
+    all of it for a row whose crops all lack an image."""
     test = pd.read_csv(tiny_dataset / "test.csv", dtype=str)
     first, second, third = test["row_id"][:3]
     paths = [str(tiny_dataset / path) for path in test["image_path"][:3]]
@@ -162,10 +163,12 @@ def test_predict_mixes_the_crops_a_row_lists_by_their_weights(tiny_dataset, tiny
     options = types.SimpleNamespace(batch_size=8, workers=1)
     alone = script.predict_probabilities(script.load_saved_model(tiny_run / "model.keras"), paths[:2], options)[0]
     np.testing.assert_allclose(mixed.loc[first], 0.75 * alone[0] + 0.25 * alone[1], atol=1e-3)
-    np.testing.assert_allclose(mixed.loc[second], alone[1], atol=1e-3)
     saved = json.loads((tiny_run / "config.json").read_text())["best_constants"]
-    constant = script.constant_predictions(pd.Series([third]), {key: np.array(value) for key, value in saved.items()})
-    np.testing.assert_allclose(mixed.loc[third], constant[0], atol=1e-3)
+    constant = script.constant_predictions(
+        pd.Series([second, third]), {key: np.array(value) for key, value in saved.items()}
+    )
+    np.testing.assert_allclose(mixed.loc[second], 0.5 * alone[1] + 0.5 * constant[0], atol=1e-3)
+    np.testing.assert_allclose(mixed.loc[third], constant[1], atol=1e-3)
 
     weighted.loc[1, script.CROP_WEIGHT] = 0.0
     weighted.to_csv(mixed_dir / "test.csv", index=False)
