@@ -1669,23 +1669,28 @@ def crop_one_series(task, crop_mm, crop_pixels):
 
 
 def run_crop_tasks(jobs, workers):
-    """Run the crop jobs on `workers` processes (decoding_pool) with a progress bar; returns their SeriesResults.
+    """Run the crop jobs on `workers` processes (decoding_pool), showing progress; returns their SeriesResults.
 
-    On a terminal the progress is a bar; in a saved log or a notebook, a plain line every tenth of the crops.
+    On a terminal the progress is one line, rewritten as crops are cut, with the time left; in a saved log or a
+    notebook, a plain line every tenth of the crops. (Not Keras' Progbar, so that prepare can do without Keras.)
     """
     total = sum(job.crops for job in jobs)
-    progress = keras.utils.Progbar(total, unit_name="crop") if sys.stdout.isatty() else None
-    results, done, tenths = [], 0, 0
+    on_terminal = sys.stdout.isatty()
+    results, done, tenths, started = [], 0, 0, time.time()
     with decoding_pool(workers) as pool:
         futures = [pool.submit(job.function, *job.arguments) for job in jobs]
         for job, future in zip(jobs, futures):
             results += result_of_worker(future, futures, [job.reads for job in jobs])
             done += job.crops
-            if progress is not None:
-                progress.add(job.crops)
+            progress = f"crops: {done:,}/{total:,} ({done / total:.0%})"
+            if on_terminal:
+                left = (time.time() - started) * (total - done) / max(done, 1)
+                print(f"\r{progress}, {left:.0f} s left ", end="", flush=True)
             elif done * 10 // total > tenths:
                 tenths = done * 10 // total
-                print(f"crops: {done:,}/{total:,} ({done / total:.0%})", flush=True)
+                print(progress, flush=True)
+    if on_terminal and jobs:
+        print()
     return results
 
 
