@@ -94,16 +94,39 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-with native_stderr_silenced():  # keras imports TensorFlow, whose two native libraries each print the start-up lines.
-    import cv2
-    import keras
-    import numpy as np
-    import pandas as pd
-    import sklearn
-    import tensorflow as tf
-    from keras import layers
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+import cv2
+import numpy as np
+import pandas as pd
+
+
+@functools.cache
+def import_tensorflow():
+    """Import TensorFlow, Keras and scikit-learn into the script's globals, then define the script's Keras classes.
+
+    Importing them takes about 5 s on 2 cores, most of a small `prepare`, which needs none of them; so only the
+    commands that run a model import them (run_command: train, predict, localise, prepare --localiser), and prepare,
+    score and --help start without. Code that calls the script's Keras functions directly (the tests, the benchmarks)
+    calls this first. The Keras subclasses stay in their chapters, each chapter's defined by one function called here,
+    once their base classes exist.
+    """
+    global GroupKFold, StratifiedGroupKFold, confusion_matrix, keras, layers, precision_recall_fscore_support
+    global sklearn, tf
+    # keras imports TensorFlow, whose two native libraries each print the start-up lines.
+    with native_stderr_silenced():
+        import keras
+        import sklearn
+        import tensorflow as tf
+        from keras import layers
+        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+        from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+    # By name, so that a script pasted into a notebook twice adds it once.
+    if not any(getattr(known, "__name__", "") == "keep_tensorflow_record" for known in tf.get_logger().filters):
+        tf.get_logger().addFilter(keep_tensorflow_record)
+    define_training_callbacks()
+    define_localiser_batches()
+    define_localiser_layers()
+    define_image_batches()
+
 
 # OpenCV's own thread pool does not survive fork(): a forked worker (decoding_pool) that inherits it can wait forever
 # (opencv/opencv#5150). The images it handles here are small and the script runs them on its own threads, so OpenCV
@@ -1672,23 +1695,28 @@ def crop_one_series(task, crop_mm, crop_pixels):
 
 
 def run_crop_tasks(jobs, workers):
-    """Run the crop jobs on `workers` processes (decoding_pool) with a progress bar; returns their SeriesResults.
+    """Run the crop jobs on `workers` processes (decoding_pool), showing progress; returns their SeriesResults.
 
-    On a terminal the progress is a bar; in a saved log or a notebook, a plain line every tenth of the crops.
+    On a terminal the progress is one line, rewritten as crops are cut, with the time left; in a saved log or a
+    notebook, a plain line every tenth of the crops. (Not Keras' Progbar, so that prepare can do without Keras.)
     """
     total = sum(job.crops for job in jobs)
-    progress = keras.utils.Progbar(total, unit_name="crop") if sys.stdout.isatty() else None
-    results, done, tenths = [], 0, 0
+    on_terminal = sys.stdout.isatty()
+    results, done, tenths, started = [], 0, 0, time.time()
     with decoding_pool(workers) as pool:
         futures = [pool.submit(job.function, *job.arguments) for job in jobs]
         for job, future in zip(jobs, futures):
             results += result_of_worker(future, futures, [job.reads for job in jobs])
             done += job.crops
-            if progress is not None:
-                progress.add(job.crops)
+            progress = f"crops: {done:,}/{total:,} ({done / total:.0%})"
+            if on_terminal:
+                left = (time.time() - started) * (total - done) / max(done, 1)
+                print(f"\r{progress}, {left:.0f} s left ", end="", flush=True)
             elif done * 10 // total > tenths:
                 tenths = done * 10 // total
-                print(f"crops: {done:,}/{total:,} ({done / total:.0%})", flush=True)
+                print(progress, flush=True)
+    if on_terminal and jobs:
+        print()
     return results
 
 
@@ -2379,83 +2407,85 @@ def decoding_failure(batches, advice):
     )
 
 
-class EpochHeader(keras.callbacks.Callback):
-    """Keras prints "Epoch 2/8" before an epoch only when fit() runs more than one epoch in all; this prints it for
-    a fit() of one epoch (--epochs 1), so that every epoch's line in the log has its header."""
+@functools.cache
+def define_training_callbacks():
+    """The callbacks of run_phase, as globals: Keras classes, so defined once import_tensorflow has imported Keras."""
+    global EpochHeader, RecalibrateBatchNormalization, SaveProgress, StopOnInterrupt
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.params.get("epochs") == 1 and self.params.get("verbose"):
-            print(f"Epoch {epoch + 1}/1", flush=True)
+    class EpochHeader(keras.callbacks.Callback):
+        """Keras prints "Epoch 2/8" before an epoch only when fit() runs more than one epoch in all; this prints it for
+        a fit() of one epoch (--epochs 1), so that every epoch's line in the log has its header."""
 
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.params.get("epochs") == 1 and self.params.get("verbose"):
+                print(f"Epoch {epoch + 1}/1", flush=True)
 
-class StopOnInterrupt(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
+    class StopOnInterrupt(keras.callbacks.Callback):
+        """Raises KeyboardInterrupt at the end of the batch during which Ctrl-C arrived.
 
-    Raising, rather than setting stop_training, keeps Keras from saving the half-done epoch as finished.
-    """
+        Raising, rather than setting stop_training, keeps Keras from saving the half-done epoch as finished.
+        """
 
-    def on_train_batch_end(self, batch, logs=None):
-        if interrupt_requested.is_set():
-            raise KeyboardInterrupt
+        def on_train_batch_end(self, batch, logs=None):
+            if interrupt_requested.is_set():
+                raise KeyboardInterrupt
 
+    class SaveProgress(keras.callbacks.Callback):
+        """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
+        validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
+        from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
+        state.json, written last and atomically, says which are current: a SIGKILL at any moment leaves a
+        consistent state."""
 
-class SaveProgress(keras.callbacks.Callback):
-    """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
-    validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
-    from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
-    state.json, written last and atomically, says which are current: a SIGKILL at any moment leaves a
-    consistent state."""
+        def __init__(self, phase, end_epoch, state):
+            super().__init__()
+            self.phase, self.end_epoch, self.state = phase, end_epoch, state
 
-    def __init__(self, phase, end_epoch, state):
-        super().__init__()
-        self.phase, self.end_epoch, self.state = phase, end_epoch, state
+        def on_epoch_end(self, epoch, logs=None):
+            state = self.state
+            superseded = [state.backup_file]
+            # Epochs are counted from 1 in history.csv, as in the log ("Epoch 1/5") and the plots.
+            logged = {name: float(value) for name, value in (logs or {}).items()}
+            row = {"phase": self.phase, "epoch": epoch + 1, **logged}
+            state.history = [old for old in state.history if old["epoch"] != epoch + 1] + [row]
+            best = state.best_val_loss
+            if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
+                superseded.append(state.best_file)
+                state.best_val_loss, state.best_file = row.get("val_loss"), f"best-epoch{epoch + 1}.npz"
+                write_atomically(state.path(state.best_file), lambda path: np.savez(path, *self.model.get_weights()))
+            if epoch + 1 == self.end_epoch:
+                state.backup_file = state.backup_epoch = None
+                state.finished_phases.append(self.phase)
+            else:
+                state.backup_file, state.backup_epoch = f"backup-epoch{epoch + 1}.weights.h5", epoch + 1
+                write_atomically(state.path(state.backup_file), self.model.save_weights)  # With the optimizer.
+            state.save()
+            for name in superseded:
+                if name and name not in (state.best_file, state.backup_file):
+                    state.path(name).unlink(missing_ok=True)
 
-    def on_epoch_end(self, epoch, logs=None):
-        state = self.state
-        superseded = [state.backup_file]
-        # Epochs are counted from 1 in history.csv, as in the log ("Epoch 1/5") and the plots.
-        logged = {name: float(value) for name, value in (logs or {}).items()}
-        row = {"phase": self.phase, "epoch": epoch + 1, **logged}
-        state.history = [old for old in state.history if old["epoch"] != epoch + 1] + [row]
-        best = state.best_val_loss
-        if "val_loss" not in row or row["val_loss"] < (math.inf if best is None else best):  # NaN is never better.
-            superseded.append(state.best_file)
-            state.best_val_loss, state.best_file = row.get("val_loss"), f"best-epoch{epoch + 1}.npz"
-            write_atomically(state.path(state.best_file), lambda path: np.savez(path, *self.model.get_weights()))
-        if epoch + 1 == self.end_epoch:
-            state.backup_file = state.backup_epoch = None
-            state.finished_phases.append(self.phase)
-        else:
-            state.backup_file, state.backup_epoch = f"backup-epoch{epoch + 1}.weights.h5", epoch + 1
-            write_atomically(state.path(state.backup_file), self.model.save_weights)  # With the optimizer.
-        state.save()
-        for name in superseded:
-            if name and name not in (state.best_file, state.backup_file):
-                state.path(name).unlink(missing_ok=True)
+    class RecalibrateBatchNormalization(keras.callbacks.Callback):
+        """Recalibrates BatchNormalization once per epoch, before validation (or, without any, before the epoch is
+        saved), so that validation, the kept weights and the predictions all use the current statistics."""
 
+        def __init__(self, batches):
+            super().__init__()
+            self.batches = batches
+            self.done = False
 
-class RecalibrateBatchNormalization(keras.callbacks.Callback):
-    """Recalibrates BatchNormalization once per epoch, before validation (or, without any, before the epoch is
-    saved), so that validation, the kept weights and the predictions all use the current statistics."""
+        def on_epoch_begin(self, epoch, logs=None):
+            self.done = False
 
-    def __init__(self, batches):
-        super().__init__()
-        self.batches = batches
-        self.done = False
+        def on_test_begin(self, logs=None):
+            self.recalibrate()
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.done = False
+        def on_epoch_end(self, epoch, logs=None):
+            self.recalibrate()
 
-    def on_test_begin(self, logs=None):
-        self.recalibrate()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.recalibrate()
-
-    def recalibrate(self):
-        if not self.done:
-            recalibrate_batch_normalization(self.model, self.batches)
-            self.done = True
+        def recalibrate(self):
+            if not self.done:
+                recalibrate_batch_normalization(self.model, self.batches)
+                self.done = True
 
 
 def learning_batch_normalizations(model):
@@ -2525,13 +2555,9 @@ def is_fresh_keras_function_note(record):
 
 
 def keep_tensorflow_record(record):
-    """The filter on TensorFlow's logger that drops is_fresh_keras_function_note's false alarm."""
+    """The filter on TensorFlow's logger that drops is_fresh_keras_function_note's false alarm (import_tensorflow
+    adds it)."""
     return not is_fresh_keras_function_note(record)
-
-
-# By name, so that a script pasted into a notebook twice adds it once.
-if not any(getattr(known, "__name__", "") == "keep_tensorflow_record" for known in tf.get_logger().filters):
-    tf.get_logger().addFilter(keep_tensorflow_record)
 
 
 # How long a run will take, said before it starts: the images each model trains on, times a training step's cost per
@@ -2900,79 +2926,86 @@ def augment_localiser_sample(image, targets, kind, seed, augmentation):
     return np.ascontiguousarray(image), targets
 
 
-class LocaliserBatches(keras.utils.PyDataset):
-    """Slices for the localiser, as its settings say. For training (augment): each epoch, localiser_slices_per_study
-    per study and series kind it has labels for (more where that would give fewer than localiser_min_slices_per_epoch
-    slices), shuffled, the slices warped with their points (augment_localiser_sample) and, for
-    localiser_intensity_share of them, their intensities varied as scanners and sequences vary them (vary_intensity).
-    Otherwise (the BatchNormalization statistics): one slice per study and series kind, as drawn.
+@functools.cache
+def define_localiser_batches():
+    """LocaliserBatches, as a global: a Keras class, so defined once import_tensorflow has imported Keras."""
+    global LocaliserBatches
 
-    A share of them (localiser_labelled_share) is drawn at or next to a labelled slice and the rest anywhere in the
-    stack, so the presence head sees both.
-    """
+    class LocaliserBatches(keras.utils.PyDataset):
+        """Slices for the localiser, as its settings say. For training (augment): each epoch,
+        localiser_slices_per_study per study and series kind it has labels for (more where that would give fewer than
+        localiser_min_slices_per_epoch slices), shuffled, the slices warped with their points (augment_localiser_sample)
+        and, for localiser_intensity_share of them, their intensities varied as scanners and sequences vary them
+        (vary_intensity). Otherwise (the BatchNormalization statistics): one slice per study and series kind, as drawn.
 
-    def __init__(self, studies, settings, seed=0, augment=False, workers=1):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
-        items = [
-            (number, kind)
-            for number, study in enumerate(studies)
-            for kind in study.volumes
-            if any(CONDITION_KIND[condition] == kind for condition, _ in study.points)
-        ]
-        self.studies, self.settings, self.seed, self.augment = studies, settings, seed, augment
-        self.batch_size = settings.localiser_batch_size
-        # The slices a labelled point is present on, per item: drawn from half the time.
-        labelled = [
-            [
-                (volume, index)
-                for volume in studies[number].volumes[kind]
-                for index in range(len(volume.images))
-                if slice_targets(studies[number], kind, volume, index)[:, PRESENCE].any()
+        A share of them (localiser_labelled_share) is drawn at or next to a labelled slice and the rest anywhere in the
+        stack, so the presence head sees both.
+        """
+
+        def __init__(self, studies, settings, seed=0, augment=False, workers=1):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
+            items = [
+                (number, kind)
+                for number, study in enumerate(studies)
+                for kind in study.volumes
+                if any(CONDITION_KIND[condition] == kind for condition, _ in study.points)
             ]
-            for number, kind in items
-        ]
-        repeats = 1
-        if augment:
-            minimum = math.ceil(settings.localiser_min_slices_per_epoch / max(len(items), 1))
-            repeats = max(settings.localiser_slices_per_study, minimum)
-        self.items, self.labelled = repeats * items, repeats * labelled
-        self.start_epoch(0)
+            self.studies, self.settings, self.seed, self.augment = studies, settings, seed, augment
+            self.batch_size = settings.localiser_batch_size
+            # The slices a labelled point is present on, per item: drawn from half the time.
+            labelled = [
+                [
+                    (volume, index)
+                    for volume in studies[number].volumes[kind]
+                    for index in range(len(volume.images))
+                    if slice_targets(studies[number], kind, volume, index)[:, PRESENCE].any()
+                ]
+                for number, kind in items
+            ]
+            repeats = 1
+            if augment:
+                minimum = math.ceil(settings.localiser_min_slices_per_epoch / max(len(items), 1))
+                repeats = max(settings.localiser_slices_per_study, minimum)
+            self.items, self.labelled = repeats * items, repeats * labelled
+            self.start_epoch(0)
 
-    def start_epoch(self, epoch):
-        self.epoch = epoch
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
-        self.order = order if self.augment else np.arange(len(self.items))
+        def start_epoch(self, epoch):
+            self.epoch = epoch
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+            self.order = order if self.augment else np.arange(len(self.items))
 
-    def __len__(self):
-        return math.ceil(len(self.items) / self.batch_size)
+        def __len__(self):
+            return math.ceil(len(self.items) / self.batch_size)
 
-    def sample(self, item):
-        """One (slice triplet, targets); the slice is drawn from a generator unique to (seed, epoch, item)."""
-        number, kind = self.items[item]
-        study = self.studies[number]
-        rng = np.random.default_rng([self.seed, self.epoch if self.augment else 0, item])
-        labelled = self.labelled[item]
-        if labelled and rng.random() < self.settings.localiser_labelled_share:
-            volume, index = labelled[rng.integers(len(labelled))]
-            index = int(np.clip(index + rng.choice([-1, 0, 0, 0, 1]), 0, len(volume.images) - 1))
-        else:
-            volume = study.volumes[kind][rng.integers(len(study.volumes[kind]))]
-            index = int(rng.integers(len(volume.images)))
-        image, targets = triplet(volume, index), slice_targets(study, kind, volume, index)
-        if self.augment:
-            settings, seed = self.settings, int(rng.integers(2**31))
-            image, targets = augment_localiser_sample(image, targets, kind, seed, settings.localiser_augmentation)
-            if rng.random() < settings.localiser_intensity_share:
-                image = vary_intensity(image, rng, settings.localiser_intensity_augmentation)
-        return image, targets
+        def sample(self, item):
+            """One (slice triplet, targets); the slice is drawn from a generator unique to (seed, epoch, item)."""
+            number, kind = self.items[item]
+            study = self.studies[number]
+            rng = np.random.default_rng([self.seed, self.epoch if self.augment else 0, item])
+            labelled = self.labelled[item]
+            if labelled and rng.random() < self.settings.localiser_labelled_share:
+                volume, index = labelled[rng.integers(len(labelled))]
+                index = int(np.clip(index + rng.choice([-1, 0, 0, 0, 1]), 0, len(volume.images) - 1))
+            else:
+                volume = study.volumes[kind][rng.integers(len(study.volumes[kind]))]
+                index = int(rng.integers(len(volume.images)))
+            image, targets = triplet(volume, index), slice_targets(study, kind, volume, index)
+            if self.augment:
+                settings, seed = self.settings, int(rng.integers(2**31))
+                image, targets = augment_localiser_sample(image, targets, kind, seed, settings.localiser_augmentation)
+                if rng.random() < settings.localiser_intensity_share:
+                    image = vary_intensity(image, rng, settings.localiser_intensity_augmentation)
+            return image, targets
 
-    def __getitem__(self, index):
-        samples = [self.sample(item) for item in self.order[index * self.batch_size : (index + 1) * self.batch_size]]
-        targets = np.stack([targets for _, targets in samples])
-        return localiser_input([image for image, _ in samples]), (targets, targets)  # For both of the losses.
+        def __getitem__(self, index):
+            samples = [
+                self.sample(item) for item in self.order[index * self.batch_size : (index + 1) * self.batch_size]
+            ]
+            targets = np.stack([targets for _, targets in samples])
+            return localiser_input([image for image, _ in samples]), (targets, targets)  # For both of the losses.
 
-    def on_epoch_end(self):
-        self.start_epoch(self.epoch + 1)
+        def on_epoch_end(self):
+            self.start_epoch(self.epoch + 1)
 
 
 def flat_heatmaps(heatmaps):
@@ -2986,59 +3019,67 @@ def flat_heatmaps(heatmaps):
     return flat, xs, ys
 
 
-@keras.saving.register_keras_serializable(package="rsna_spine")
-class SpatialSoftArgmax(layers.Layer):
-    """Heatmap logits (batch, height, width, channels) → each channel's expected (x, y), normalised to [0, 1].
+@functools.cache
+def define_localiser_layers():
+    """The localiser's own layers, as globals, registered with its losses under the names a saved localiser.keras
+    refers to ("rsna_spine>SpatialSoftArgmax"): Keras classes, so defined once import_tensorflow has imported Keras,
+    and before any localiser is built or loaded."""
+    global PresenceUnderHeatmap, SpatialSoftArgmax
+    for loss in (localiser_loss, heatmap_loss):
+        keras.saving.register_keras_serializable(package="rsna_spine")(loss)
 
-    The expectation under a softmax is differentiable and finer than the grid: a stride-4 heatmap places points to a
-    fraction of a cell, where an argmax would be off by up to half a cell. Training takes it over the whole map, so
-    every cell learns. Predicting takes it over the cells within `window` of the map's peak: where the map is torn
-    between two discs, as it can be at the top of the spine, the whole map's expectation lands between them, and
-    the peak's neighbourhood on one of them. (Seed 11's 20 test studies: canal within 10 mm 94.7 → 98.9 %, foramina
-    97.9 → 100 %; the submission at the found points 0.482 → 0.388, against 0.329 at the true ones.)
-    """
+    @keras.saving.register_keras_serializable(package="rsna_spine")
+    class SpatialSoftArgmax(layers.Layer):
+        """Heatmap logits (batch, height, width, channels) → each channel's expected (x, y), normalised to [0, 1].
 
-    def __init__(self, window=None, **kwargs):
-        super().__init__(**kwargs)
-        self.window = window  # cells; None: the whole map, also when predicting
+        The expectation under a softmax is differentiable and finer than the grid: a stride-4 heatmap places points to a
+        fraction of a cell, where an argmax would be off by up to half a cell. Training takes it over the whole map, so
+        every cell learns. Predicting takes it over the cells within `window` of the map's peak: where the map is torn
+        between two discs, as it can be at the top of the spine, the whole map's expectation lands between them, and
+        the peak's neighbourhood on one of them. (Seed 11's 20 test studies: canal within 10 mm 94.7 → 98.9 %, foramina
+        97.9 → 100 %; the submission at the found points 0.482 → 0.388, against 0.329 at the true ones.)
+        """
 
-    def get_config(self):
-        return {**super().get_config(), "window": self.window}
+        def __init__(self, window=None, **kwargs):
+            super().__init__(**kwargs)
+            self.window = window  # cells; None: the whole map, also when predicting
 
-    def call(self, heatmaps, training=None):
-        flat, xs, ys = flat_heatmaps(heatmaps)
-        if self.window is not None and not training:
-            # Each cell's centre, in the flat order (row by row); float throughout, as the CPU's integer kernels are
-            # slow and noisy.
-            cell_x = keras.ops.tile(xs, [ys.shape[0]])
-            cell_y = keras.ops.repeat(ys, xs.shape[0])
-            is_peak = keras.ops.cast(flat >= keras.ops.max(flat, axis=-1, keepdims=True), "float32")
-            is_peak = is_peak / keras.ops.sum(is_peak, axis=-1, keepdims=True)  # ties: their middle
-            peak_x = keras.ops.sum(is_peak * cell_x, axis=-1, keepdims=True)
-            peak_y = keras.ops.sum(is_peak * cell_y, axis=-1, keepdims=True)
-            reach_x, reach_y = (self.window + 0.5) / xs.shape[0], (self.window + 0.5) / ys.shape[0]
-            near = (keras.ops.abs(cell_x - peak_x) < reach_x) & (keras.ops.abs(cell_y - peak_y) < reach_y)
-            flat = keras.ops.where(near, flat, keras.ops.full_like(flat, -1e9))
-        weights = keras.ops.reshape(keras.ops.softmax(flat, axis=-1), (-1, flat.shape[1], ys.shape[0], xs.shape[0]))
-        x = keras.ops.sum(keras.ops.sum(weights, axis=2) * xs, axis=-1)
-        y = keras.ops.sum(keras.ops.sum(weights, axis=3) * ys, axis=-1)
-        return keras.ops.stack([x, y], axis=-1)
+        def get_config(self):
+            return {**super().get_config(), "window": self.window}
 
+        def call(self, heatmaps, training=None):
+            flat, xs, ys = flat_heatmaps(heatmaps)
+            if self.window is not None and not training:
+                # Each cell's centre, in the flat order (row by row); float throughout, as the CPU's integer kernels are
+                # slow and noisy.
+                cell_x = keras.ops.tile(xs, [ys.shape[0]])
+                cell_y = keras.ops.repeat(ys, xs.shape[0])
+                is_peak = keras.ops.cast(flat >= keras.ops.max(flat, axis=-1, keepdims=True), "float32")
+                is_peak = is_peak / keras.ops.sum(is_peak, axis=-1, keepdims=True)  # ties: their middle
+                peak_x = keras.ops.sum(is_peak * cell_x, axis=-1, keepdims=True)
+                peak_y = keras.ops.sum(is_peak * cell_y, axis=-1, keepdims=True)
+                reach_x, reach_y = (self.window + 0.5) / xs.shape[0], (self.window + 0.5) / ys.shape[0]
+                near = (keras.ops.abs(cell_x - peak_x) < reach_x) & (keras.ops.abs(cell_y - peak_y) < reach_y)
+                flat = keras.ops.where(near, flat, keras.ops.full_like(flat, -1e9))
+            weights = keras.ops.reshape(keras.ops.softmax(flat, axis=-1), (-1, flat.shape[1], ys.shape[0], xs.shape[0]))
+            x = keras.ops.sum(keras.ops.sum(weights, axis=2) * xs, axis=-1)
+            y = keras.ops.sum(keras.ops.sum(weights, axis=3) * ys, axis=-1)
+            return keras.ops.stack([x, y], axis=-1)
 
-@keras.saving.register_keras_serializable(package="rsna_spine")
-class PresenceUnderHeatmap(layers.Layer):
-    """(heatmap logits, presence logit maps), both (batch, height, width, channels) → each channel's presence logit
-    where its heatmap puts the point: the presence map's mean under the heatmap's softmax.
+    @keras.saving.register_keras_serializable(package="rsna_spine")
+    class PresenceUnderHeatmap(layers.Layer):
+        """(heatmap logits, presence logit maps), both (batch, height, width, channels) → each channel's presence logit
+        where its heatmap puts the point: the presence map's mean under the heatmap's softmax.
 
-    Whether a slice is the one nearest to a point is a local question (is the structure at its middle here, or
-    already fading to one side?), best answered from the fine features at the point. The heatmap's weights are held
-    fixed for this, so the presence loss cannot move the points.
-    """
+        Whether a slice is the one nearest to a point is a local question (is the structure at its middle here, or
+        already fading to one side?), best answered from the fine features at the point. The heatmap's weights are held
+        fixed for this, so the presence loss cannot move the points.
+        """
 
-    def call(self, inputs):
-        heatmaps, presence_maps = inputs
-        weights = keras.ops.stop_gradient(keras.ops.softmax(flat_heatmaps(heatmaps)[0], axis=-1))
-        return keras.ops.sum(weights * flat_heatmaps(presence_maps)[0], axis=-1)
+        def call(self, inputs):
+            heatmaps, presence_maps = inputs
+            weights = keras.ops.stop_gradient(keras.ops.softmax(flat_heatmaps(heatmaps)[0], axis=-1))
+            return keras.ops.sum(weights * flat_heatmaps(presence_maps)[0], axis=-1)
 
 
 # ResNet50 blocks whose outputs feed the localiser's head, at strides 4, 8, 16 and 32.
@@ -3079,7 +3120,6 @@ def masked_mean(values, mask):
     return keras.ops.sum(values * mask, axis=-1) / keras.ops.maximum(keras.ops.sum(mask, axis=-1), 1.0)
 
 
-@keras.saving.register_keras_serializable(package="rsna_spine")
 def localiser_loss(targets, outputs):
     """Masked L1 on the coordinates plus masked binary cross-entropy on the presence, per slice.
 
@@ -3097,7 +3137,6 @@ def localiser_loss(targets, outputs):
     )
 
 
-@keras.saving.register_keras_serializable(package="rsna_spine")
 def heatmap_loss(targets, heatmaps):
     """Cross-entropy between each labelled channel's softmax over positions and a Gaussian around its point.
 
@@ -3163,7 +3202,7 @@ class Localiser:
     learn_level_steps), saved as localiser.keras and localiser.json beside it. Predicting, it also reads the model's
     heatmaps, to decode each condition's levels as a chain."""
 
-    model: keras.Model
+    model: "keras.Model"  # Quoted: Keras is imported by import_tensorflow, after this class is defined.
     level_offsets_mm: dict | None
     level_steps_mm: dict | None = None
 
@@ -3821,7 +3860,7 @@ class TrainingRun:
     folds: list  # (training rows, validation rows) of each fold.
     weights: str | None  # What ResNet50 loads (resolve_weights),
     weights_source: str  # and where it comes from, in words.
-    strategy: tf.distribute.Strategy
+    strategy: "tf.distribute.Strategy"  # Quoted: TensorFlow is imported later (import_tensorflow).
     policy: str
     output_dir: Path
     constants: dict  # The best constant per location: the prior the models must beat.
@@ -3939,87 +3978,96 @@ def make_batches(table, rows, settings, options, strategy, augment=False):
     )
 
 
-class ImageBatches(keras.utils.PyDataset):
-    """Streams batches from disk. Only paths and labels live in memory, so memory stays flat in dataset size.
+@functools.cache
+def define_image_batches():
+    """ImageBatches, as a global: a Keras class, so defined once import_tensorflow has imported Keras."""
+    global ImageBatches
 
-    Yields (images,) for prediction, or (images, one-hot labels, sample weights) for training and validation.
-    Training batches are shuffled and augmented (with `augmentation`, default AUGMENTATION), differently each epoch
-    but repeatably from `seed`. Sample weights are the class weights of the labels (default: all 1).
-    An image that cannot be decoded is remembered in `failed_path` (so the caller can name it) and stops the
-    run, unless `skip_bad_images` is set: then it is counted in `skipped` and stands in the batch as a black image
-    with sample weight 0, so that even a batch of bad images keeps its shape and teaches nothing.
-    With `full_batches`, prediction batches (no labels) are padded with black images to batch_size, so that the
-    model sees one shape and its predict function is traced once; the caller drops the padding's predictions.
-    """
+    class ImageBatches(keras.utils.PyDataset):
+        """Streams batches from disk. Only paths and labels live in memory, so memory stays flat in dataset size.
 
-    def __init__(
-        self,
-        image_paths,
-        image_size,
-        batch_size,
-        labels=None,
-        class_weights=None,
-        augment=False,
-        augmentation=None,
-        seed=0,
-        workers=1,
-        skip_bad_images=False,
-        full_batches=False,
-    ):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
-        self.image_paths = list(image_paths)
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.labels = None if labels is None else np.asarray(labels)
-        self.class_weights = np.asarray(class_weights or [1.0] * len(CLASS_NAMES), np.float32)
-        self.augment = augment
-        self.augmentation = augmentation
-        self.seed = seed
-        self.skip_bad_images = skip_bad_images
-        self.full_batches = full_batches
-        self.skipped = set()
-        self.failed_path = None
-        self.start_epoch(0)
+        Yields (images,) for prediction, or (images, one-hot labels, sample weights) for training and validation.
+        Training batches are shuffled and augmented (with `augmentation`, default AUGMENTATION), differently each epoch
+        but repeatably from `seed`. Sample weights are the class weights of the labels (default: all 1).
+        An image that cannot be decoded is remembered in `failed_path` (so the caller can name it) and stops the
+        run, unless `skip_bad_images` is set: then it is counted in `skipped` and stands in the batch as a black image
+        with sample weight 0, so that even a batch of bad images keeps its shape and teaches nothing.
+        With `full_batches`, prediction batches (no labels) are padded with black images to batch_size, so that the
+        model sees one shape and its predict function is traced once; the caller drops the padding's predictions.
+        """
 
-    def start_epoch(self, epoch):
-        """Set the epoch (a resumed run starts mid-way); training rows get a fresh, seeded order each epoch."""
-        self.epoch = epoch
-        count = len(self.image_paths)
-        self.order = np.random.default_rng([self.seed, epoch]).permutation(count) if self.augment else np.arange(count)
+        def __init__(
+            self,
+            image_paths,
+            image_size,
+            batch_size,
+            labels=None,
+            class_weights=None,
+            augment=False,
+            augmentation=None,
+            seed=0,
+            workers=1,
+            skip_bad_images=False,
+            full_batches=False,
+        ):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
+            self.image_paths = list(image_paths)
+            self.image_size = image_size
+            self.batch_size = batch_size
+            self.labels = None if labels is None else np.asarray(labels)
+            self.class_weights = np.asarray(class_weights or [1.0] * len(CLASS_NAMES), np.float32)
+            self.augment = augment
+            self.augmentation = augmentation
+            self.seed = seed
+            self.skip_bad_images = skip_bad_images
+            self.full_batches = full_batches
+            self.skipped = set()
+            self.failed_path = None
+            self.start_epoch(0)
 
-    def __len__(self):
-        return math.ceil(len(self.image_paths) / self.batch_size)
+        def start_epoch(self, epoch):
+            """Set the epoch (a resumed run starts mid-way); training rows get a fresh, seeded order each epoch."""
+            self.epoch = epoch
+            count = len(self.image_paths)
+            self.order = (
+                np.random.default_rng([self.seed, epoch]).permutation(count) if self.augment else np.arange(count)
+            )
 
-    def load(self, row):
-        """One image, augmented with a seed unique to (seed, epoch, row); None for a skipped bad image."""
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0]) if self.augment else None
-        try:
-            return read_image(self.image_paths[row], self.image_size, seed, self.augmentation)
-        except UnreadableImageError:
-            if not self.skip_bad_images:
-                self.failed_path = self.image_paths[row]
-                raise
-            self.skipped.add(self.image_paths[row])
-            return None
+        def __len__(self):
+            return math.ceil(len(self.image_paths) / self.batch_size)
 
-    def __getitem__(self, index):
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = [self.load(row) for row in rows]
-        usable = np.array([image is not None for image in images], np.float32)
-        black = np.zeros((self.image_size, self.image_size, 3), np.float32)
-        images = np.stack([black if image is None else image for image in images])
-        images = keras.applications.resnet50.preprocess_input(images)
-        if self.labels is None:
-            if self.full_batches and len(images) < self.batch_size:
-                padding = np.zeros((self.batch_size - len(images), *images.shape[1:]), images.dtype)
-                images = np.concatenate([images, padding])
-            return (images,)
-        labels = self.labels[rows]
-        one_hot = np.eye(len(CLASS_NAMES), dtype=np.float32)[labels]
-        return images, one_hot, self.class_weights[labels] * usable
+        def load(self, row):
+            """One image, augmented with a seed unique to (seed, epoch, row); None for a skipped bad image."""
+            seed = (
+                int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1)[0]) if self.augment else None
+            )
+            try:
+                return read_image(self.image_paths[row], self.image_size, seed, self.augmentation)
+            except UnreadableImageError:
+                if not self.skip_bad_images:
+                    self.failed_path = self.image_paths[row]
+                    raise
+                self.skipped.add(self.image_paths[row])
+                return None
 
-    def on_epoch_end(self):
-        self.start_epoch(self.epoch + 1)
+        def __getitem__(self, index):
+            rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+            images = [self.load(row) for row in rows]
+            usable = np.array([image is not None for image in images], np.float32)
+            black = np.zeros((self.image_size, self.image_size, 3), np.float32)
+            images = np.stack([black if image is None else image for image in images])
+            images = keras.applications.resnet50.preprocess_input(images)
+            if self.labels is None:
+                if self.full_batches and len(images) < self.batch_size:
+                    padding = np.zeros((self.batch_size - len(images), *images.shape[1:]), images.dtype)
+                    images = np.concatenate([images, padding])
+                return (images,)
+            labels = self.labels[rows]
+            one_hot = np.eye(len(CLASS_NAMES), dtype=np.float32)[labels]
+            return images, one_hot, self.class_weights[labels] * usable
+
+        def on_epoch_end(self):
+            self.start_epoch(self.epoch + 1)
 
 
 def build_model(image_size, weights, from_scratch, head_units=HEAD_UNITS, head_dropout=HEAD_DROPOUT):
@@ -5119,8 +5167,9 @@ def run_score(solution_path, submission_path, only_submitted=False):
 
 
 def run_command(command, options):
-    """Dispatch to one command."""
+    """Dispatch to one command. TensorFlow is imported only for a command that runs a model."""
     if command in ("train", "predict", "localise"):
+        import_tensorflow()
         initialise_devices()
     if command in ("train", "predict"):
         options.data_dir = resolve_data_dir(options.data_dir, command)
@@ -5137,6 +5186,7 @@ def run_command(command, options):
         coordinates = options.coordinates
         if coordinates is None and options.localiser is not None and options.split == "test":
             coordinates = options.out_dir / "test_coordinates.csv"
+            import_tensorflow()
             localiser = Localiser.load(options.localiser)
             localise_split(localiser, options.competition_dir, "test", coordinates, options.workers, mixed=True)
         print_prepare_summary(

@@ -49,7 +49,9 @@ import scipy  # noqa: E402
 import synthetic  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import script  # noqa: E402  (first, so TensorFlow starts quietly; needs the path set up above)
+import script  # noqa: E402  (needs the path set up above)
+
+script.import_tensorflow()  # Keras, and script.py's Keras classes, which a plain import leaves out.
 
 # ImageDataGenerator (in the naive design and in script.py's parameter sampling) is deprecated and says so often.
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -41,7 +41,7 @@ import synthetic  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 from test_learning import LEARNING_RUN, MINIMUM_ACCURACY  # noqa: E402
 
-import script  # noqa: E402  (first, so TensorFlow starts quietly; needs the path set up above)
+import script  # noqa: E402  (needs the path set up above)
 
 DATASETS = ("squares", "sample", "photos")
 SAMPLE_RUN = [

@@ -32,7 +32,9 @@ sys.path.insert(0, str(REPOSITORY / "tests"))
 import anatomy_synthetic  # noqa: E402
 import numpy as np  # noqa: E402
 
-import script  # noqa: E402
+import script  # noqa: E402  (needs the path set up above)
+
+script.import_tensorflow()  # Keras, and script.py's Keras classes, which a plain import leaves out.
 
 RESULTS = REPOSITORY / "benchmarks" / "localiser_results.json"
 TARGET_SECONDS = 5.0

@@ -26,6 +26,8 @@ sys.path.insert(0, str(REPOSITORY))
 
 import script  # noqa: E402  (needs the path set up above)
 
+script.import_tensorflow()  # Keras, and script.py's Keras classes, which a plain import leaves out.
+
 # ImageDataGenerator is deprecated; its warnings would bury the training log.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -22,6 +22,8 @@ import synthetic  # noqa: E402
 
 import script  # noqa: E402
 
+script.import_tensorflow()  # The tests call Keras code directly, not only through the commands that import it.
+
 # Randomly initialised ResNet50 weights in a file. `--weights PATH` takes the pretrained path (the base frozen in
 # phase 1), whose steps cost a fraction of a from-scratch step, for the many tests that need a run but not
 # learning; tests of the from-scratch path (--weights none) use TINY_RUN or their own runs.

@@ -1,12 +1,14 @@
 """What the script prints: no TensorFlow start-up lines before its own (a broken installation's traceback still
 shows), a refusal is one line on stderr, prepare's progress in a log is a few plain lines, and of TensorFlow's
-retracing notes only the false alarm about Keras' fresh functions is dropped."""
+retracing notes only the false alarm about Keras' fresh functions is dropped. And what it imports: the commands that
+run no model (prepare, score, --help) start without TensorFlow, Keras or scikit-learn."""
 
 import logging
 import os
 import subprocess
 import sys
 
+import pandas as pd
 from conftest import REPOSITORY, SUBMISSION_HEADER, script
 
 TENSORFLOW_START_UP = ("oneDNN", "cudart_stub", "absl::InitializeLog", "cuInit", "cpu_feature_guard")
@@ -38,10 +40,24 @@ def test_help_prints_no_tensorflow_start_up_lines():
     assert completed.stderr == ""
 
 
+def test_a_command_that_imports_tensorflow_prints_only_its_own_lines(tmp_path):
+    """localise imports TensorFlow before it reads its localiser: refused for a missing file, its one line is all that
+    stderr holds, without the start-up lines."""
+    missing = tmp_path / "localiser.keras"
+    completed = run_script("localise", "--localiser", str(missing), "--competition-dir", ".", "--out", "points.csv")
+    assert completed.returncode == 2
+    assert not any(line in completed.stderr for line in TENSORFLOW_START_UP), completed.stderr
+    assert (
+        completed.stderr
+        == f"error: --localiser {missing}: file not found. Check the folder given on the command line.\n"
+    )
+
+
 def test_a_real_import_error_still_shows(tmp_path):
     """Silencing the start-up lines must not swallow a broken installation: its traceback reaches stderr."""
     (tmp_path / "keras.py").write_text('raise ImportError("this keras is broken on purpose")\n')
-    completed = run_script("--help", env={"PYTHONPATH": str(tmp_path)})
+    arguments = ["localise", "--localiser", "localiser.keras", "--competition-dir", ".", "--out", "points.csv"]
+    completed = run_script(*arguments, env={"PYTHONPATH": str(tmp_path)})
     assert completed.returncode == 1
     assert "Traceback" in completed.stderr and "this keras is broken on purpose" in completed.stderr
 
@@ -58,6 +74,66 @@ def test_score_with_a_header_only_submission_exits_2_with_one_line(tmp_path):
     assert completed.stderr.startswith(f"error: {submission}: has a header but no rows")
     assert completed.stderr.count("\n") == 1, completed.stderr
     assert completed.stdout == ""
+
+
+# ============================================================================================== what is imported
+
+MODEL_LIBRARIES = {"tensorflow", "keras", "sklearn"}
+# script.py run as `python script.py` does, then the top-level packages in sys.modules on the last line of stdout.
+# (Not `python -X importtime`: its lines go to file descriptor 2, which is silenced while TensorFlow imports.)
+IMPORTS_PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("imported:", *sorted({name.split(".")[0] for name in sys.modules}), flush=True))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def imported_by(*arguments):
+    """(the completed process, the top-level packages it imported) for script.py run with these arguments."""
+    completed = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, str(REPOSITORY / "script.py"), *arguments],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = (completed.stdout.splitlines() or [""])[-1]
+    assert last.startswith("imported: "), (completed.stdout[-2000:], completed.stderr[-2000:])
+    return completed, set(last.split()[1:])
+
+
+def test_commands_without_a_model_never_import_tensorflow_keras_or_sklearn(damaged_competition, tmp_path):
+    """prepare, score and --help need no model, so they skip the seconds that importing TensorFlow, Keras and
+    scikit-learn takes (import_tensorflow): that start-up cost was most of a small prepare's time, and kept
+    --workers 2 from nearly halving it. The commands that do need them import them (the next test)."""
+    competition = damaged_competition[0]
+    solution, submission = tmp_path / "solution.csv", tmp_path / "submission.csv"
+    solution.write_text(SUBMISSION_HEADER + "1_spinal_canal_stenosis_l1_l2,1,0,0\n")
+    submission.write_text(SUBMISSION_HEADER + "1_spinal_canal_stenosis_l1_l2,0.7,0.2,0.1\n")
+    prepare = ["prepare", "--competition-dir", str(competition.root), "--out-dir", str(tmp_path / "prepared")]
+    for arguments in (
+        [*prepare, "--workers", "2"],
+        ["score", "--solution", str(solution), "--submission", str(submission)],
+        ["prepare", "--help"],
+        ["score", "--help"],
+        ["--help"],
+    ):
+        completed, imported = imported_by(*arguments)
+        assert completed.returncode == 0, (arguments, completed.stderr[-2000:])
+        assert not imported & MODEL_LIBRARIES, (arguments, imported & MODEL_LIBRARIES)
+    assert len(pd.read_csv(tmp_path / "prepared" / "train.csv")) > 0
+
+
+def test_a_command_with_a_model_imports_tensorflow_keras_and_sklearn(tmp_path):
+    """localise imports all three (import_tensorflow) before it reads its localiser, even one that is missing; and
+    the check above sees imports at all."""
+    missing = tmp_path / "localiser.keras"
+    completed, imported = imported_by(
+        "localise", "--localiser", str(missing), "--competition-dir", ".", "--out", "p.csv"
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert MODEL_LIBRARIES <= imported
 
 
 # ================================================================================================ progress lines
