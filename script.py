@@ -2572,20 +2572,24 @@ LOCALISER_STEP_COST = 2.5
 DICOM_READS_PER_FILE = 1.1  # one pass over every file; the slices of the crops at found points once more
 
 
-def print_time_estimate(run, competition):
-    """One line before a long run: about how long it takes on this machine, by stage; and, beyond Kaggle's limit,
-    what to change."""
-    settings, localiser = run.settings, run.localiser_settings
-    severity_images = sum(len(training) for training, _ in run.folds) * (settings.epochs + settings.fine_tune_epochs)
+def print_time_estimate(settings, localiser, row_ids, options, competition):
+    """One line before a long run reads or trains anything: about how long it takes on this machine, by stage; and,
+    beyond Kaggle's limit, what to change. row_ids: the labelled rows it will split into training and validation
+    (from the competition's train.csv, before its crops are cut); `localiser`: its settings, or None."""
+    # The share of the rows each epoch trains on, summed over the folds: one fold holds out --val-fraction; K folds
+    # each hold out 1/K.
+    folds = options.folds
+    share = (1.0 - options.val_fraction) if folds == 1 else folds - 1.0
+    severity_images = round(len(row_ids) * share) * (settings.epochs + settings.fine_tune_epochs)
     localiser_images = 0
-    if localiser is not None:
-        studies = len(study_ids(run.table["row_id"].iloc[run.folds[0][0]]))
+    if localiser is not None:  # It trains on the first fold's training studies.
+        studies = round(len(set(study_ids(row_ids))) * share / folds)
         per_epoch = max(3 * studies * localiser.localiser_slices_per_study, localiser.localiser_min_slices_per_epoch)
         localiser_images = localiser.localiser_epochs * per_epoch
     if severity_images + localiser_images < ESTIMATE_FROM_IMAGE_STEPS:
         return None
     hours = {
-        "reading the DICOMs": reading_seconds(competition) / run.options.workers / 3600 if competition else 0.0,
+        "reading the DICOMs": reading_seconds(competition) / options.workers / 3600 if competition else 0.0,
         "localiser": localiser_images * LOCALISER_STEP_COST * seconds_per_slice(localiser) / 3600,
         "severity model": severity_images * training_seconds_per_image(settings.image_size) / 3600,
     }
@@ -4613,9 +4617,12 @@ def train(options):
     localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
     if competition:
         refuse_missing_test_listing(competition, "train", options.no_test)
+        labelled = read_split_rows(competition, "train", None)[0]["row_id"]
+        print_time_estimate(settings, localiser_run, labelled, options, competition)
         options.data_dir = prepare_training_split(competition, options, localiser_run)
     run = start_run(options, settings, localiser_run, competition)
-    print_time_estimate(run, competition)
+    if not competition:
+        print_time_estimate(settings, None, run.table["row_id"], options, None)
     if competition:
         localiser, run.localisation = localiser_for_run(
             competition, run.table, run.folds[0][1], run.localiser_settings, options, run.output_dir
