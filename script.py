@@ -3388,9 +3388,8 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chai
 def chain_trust(log_ratio):
     """The share of a chained level's prediction its crops carry, from the log of its map's probability at the chosen
     place over that at its own peak (0 where the chain kept the peak): 1 down to a ratio of CHAIN_TRUST_RATIO, then
-    in proportion. (Seed 23: the one point placed 12 mm off, had a ratio of 0.23, and its severe label
-    got 0.0004; hedged, the cost of localisation 0.095 → 0.059. The points the chain keeps on their peaks are
-    unchanged.)"""
+    in proportion. (Seed 23: the one point placed 12 mm off had a ratio of 0.23, and its severe label got 0.0004;
+    hedged, the cost of localisation 0.095 → 0.059. The points the chain keeps on their peaks are unchanged.)"""
     return float(min(1.0, math.exp(log_ratio) / CHAIN_TRUST_RATIO))
 
 
