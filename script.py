@@ -4552,12 +4552,12 @@ def row_probabilities(test_table, image_probabilities, constants):
     one. Where a row's crops weigh less than 1 in all (a found point the localiser is unsure of: chain_trust), they
     make that share of its prediction, and its best constant the rest."""
     has_image = test_table["image_path"].notna().to_numpy()
-    weights = test_table[CROP_WEIGHT].to_numpy(float) if CROP_WEIGHT in test_table else np.ones(len(test_table))
     row_ids = pd.Series(pd.unique(test_table["row_id"]), name="row_id")
     position = pd.Index(row_ids).get_indexer(test_table["row_id"])[has_image]
-    sums, totals = np.zeros((len(row_ids), len(CLASS_NAMES))), np.zeros(len(row_ids))
-    np.add.at(sums, position, weights[has_image, None] * np.asarray(image_probabilities).reshape(-1, len(CLASS_NAMES)))
-    np.add.at(totals, position, weights[has_image])
+    sums = np.zeros((len(row_ids), len(CLASS_NAMES)))
+    weighted = crop_weights(test_table)[has_image, None] * np.asarray(image_probabilities).reshape(-1, len(CLASS_NAMES))
+    np.add.at(sums, position, weighted)
+    totals = crop_totals(test_table).to_numpy()  # In row_ids' order: groupby keeps the order of first appearance.
     probabilities = sums / np.where(totals > 0, totals, 1.0)[:, None]
     share = crop_shares(totals)
     hedged = share < 1.0
@@ -4576,9 +4576,18 @@ def crop_shares(totals):
 def needs_constants(test_table):
     """Whether some row of a test table gets all or part of its prediction from its best constant (row_probabilities):
     a row without an image, or whose crops weigh less than 1 in all."""
-    weights = test_table[CROP_WEIGHT] if CROP_WEIGHT in test_table else 1.0
-    totals = (test_table["image_path"].notna() * weights).groupby(test_table["row_id"]).sum()
-    return bool((crop_shares(totals.to_numpy(float)) < 1).any())
+    return bool((crop_shares(crop_totals(test_table).to_numpy()) < 1).any())
+
+
+def crop_weights(test_table):
+    """Each line's CROP_WEIGHT (1 where the table has none)."""
+    return test_table[CROP_WEIGHT].to_numpy(float) if CROP_WEIGHT in test_table else np.ones(len(test_table))
+
+
+def crop_totals(test_table):
+    """Per row, in order of first appearance, the total weight of its crops that have an image."""
+    weights = crop_weights(test_table) * test_table["image_path"].notna().to_numpy()
+    return pd.Series(weights, index=test_table.index).groupby(test_table["row_id"].to_numpy(), sort=False).sum()
 
 
 def print_constant_rows(shares, where):
