@@ -50,6 +50,7 @@ def parse_arguments():
     parser.add_argument("--test-studies", type=int, default=20)
     parser.add_argument("--work", type=Path, help="folder for the competition and the outputs (default: a new one)")
     parser.add_argument("--script", type=Path, default=REPOSITORY / "script.py", help="the script.py to check")
+    parser.add_argument("--reuse", action="store_true", help="keep the outputs in --work; add the moved-point scores")
     return parser.parse_args()
 
 
@@ -106,6 +107,48 @@ def scores(root, submission_path, config_path):
     return script.score_predictions(labels, submission)["score"], script.score_predictions(labels, constant)["score"]
 
 
+def moved_points(root, distance_mm, seed):
+    """The test's true coordinates, each moved distance_mm in plane in a random direction (pixels from each series'
+    PixelSpacing), on its own slice."""
+    truth = pd.read_csv(root / "_truth" / "test_label_coordinates.csv")
+    angles = np.random.default_rng(seed).uniform(0, 2 * np.pi, len(truth))
+    spacings = {}
+    for key in truth[["study_id", "series_id"]].drop_duplicates().itertuples(index=False):
+        stack = script.read_stacks(root / "test_images" / str(key.study_id) / str(key.series_id))[0]
+        spacings[tuple(key)] = np.asarray(stack.pixel_spacing, float)  # (row, column) mm
+    spacing = np.array([spacings[key] for key in zip(truth["study_id"], truth["series_id"])])
+    truth["x"] += distance_mm * np.cos(angles) / spacing[:, 1]
+    truth["y"] += distance_mm * np.sin(angles) / spacing[:, 0]
+    return truth
+
+
+def moved_point_costs(work, script_path, config_path, true_score, distances=(1.0, 2.0), draws=(1, 2)):
+    """{"1 mm": [cost of each draw], ...}: the score at the moved true points minus the score at the true ones."""
+    root, costs = work / "competition", {}
+    for distance in distances:
+        for draw in draws:
+            moved_dir = work / f"moved_{distance:g}mm_{draw}"
+            moved = moved_dir / "coordinates.csv"
+            moved_dir.mkdir(parents=True, exist_ok=True)
+            moved_points(root, distance, draw).to_csv(moved, index=False)
+            prepare = ["prepare", "--competition-dir", root, "--out-dir", moved_dir / "prepared", "--split", "test"]
+            run(script_path, *prepare, "--coordinates", moved)
+            model = work / "out" / "model.keras"
+            run(
+                script_path,
+                "predict",
+                "--model",
+                model,
+                "--data-dir",
+                moved_dir / "prepared",
+                "--output-dir",
+                moved_dir,
+            )
+            score, _ = scores(root, moved_dir / "submission.csv", config_path)
+            costs.setdefault(f"{distance:g} mm", []).append(score - true_score)
+    return costs
+
+
 def main():
     options = parse_arguments()
     work = options.work or Path(tempfile.mkdtemp(prefix="localiser-check-"))
@@ -117,6 +160,12 @@ def main():
             + ["--test-studies", str(options.test_studies)]
         )
     out, points, out2 = work / "out", work / "pts.csv", work / "out2"
+    if options.reuse:
+        true_score, _ = scores(root, work / "true_out" / "submission.csv", out / "config.json")
+        found_score, _ = scores(root, out2 / "submission.csv", out / "config.json")
+        moved = moved_point_costs(work, options.script, out / "config.json", true_score)
+        print(json.dumps({"cost_of_localisation": found_score - true_score, "cost_of_moved_true_points": moved}))
+        return
     seconds = {
         "train": run(options.script, "--data-dir", root, "--output-dir", out, *TRAIN),
         "localise": run(
@@ -172,6 +221,7 @@ def main():
         "score_at_true_points": true_score,
         "best_constant_score": constant_score,
         "cost_of_localisation": found_score - true_score,
+        "cost_of_moved_true_points": moved_point_costs(work, options.script, out / "config.json", true_score),
     }
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     previous[str(options.seed)] = result
