@@ -3307,10 +3307,8 @@ def localise_sagittal(localiser, study, chains=None):
     if "canal" in study.volumes:
         volume = study.volumes["canal"][0]
         outputs, heatmaps = predict_slices(localiser, volume, range(len(volume.images)))
-        chosen = {
-            level: most_present(outputs, channel, range(len(outputs)))
-            for channel, level in zip(KIND_CHANNELS["canal"], LEVELS)
-        }
+        every = {level: range(len(outputs)) for level in LEVELS}
+        chosen = chained_slices(localiser, volume.stack, outputs, "spinal_canal_stenosis", every)
         found += chained_points(localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, chains)
     if "foramen" in study.volumes:
         volume = study.volumes["foramen"][0]
@@ -3326,16 +3324,43 @@ def localise_sagittal(localiser, study, chains=None):
         midline = float(np.median([point[0] for point in canal.values()])) if canal else float(np.median(slice_x))
         window = 1.5 * (abs(stack.slice_spacing) or 3.0)
         for side, on_side in (("left", slice_x > midline), ("right", slice_x <= midline)):
-            condition, chosen = f"{side}_neural_foraminal_narrowing", {}
-            for channel, level in zip(KIND_CHANNELS["foramen"], LEVELS):
-                candidates = np.flatnonzero(on_side)
+            condition, candidates = f"{side}_neural_foraminal_narrowing", {}
+            for level in LEVELS:
+                candidates[level] = np.flatnonzero(on_side)
                 if (condition, level) in expected:
                     near = np.flatnonzero(np.abs(stack.plane_distances(expected[(condition, level)])) <= window)
-                    candidates = near if len(near) else candidates
-                if len(candidates):
-                    chosen[level] = most_present(outputs, channel, candidates)
+                    candidates[level] = near if len(near) else candidates[level]
+            chosen = chained_slices(localiser, stack, outputs, condition, candidates)
             found += chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains)
     return found
+
+
+def chained_slices(localiser, stack, outputs, condition, candidates):
+    """{level: slice index}: the slice of each of a condition's levels among its candidate indices, chosen jointly, so
+    that the steps across the stack from one level to the next are those the labels show (the canal drifts little
+    from its midline, a foramen by its level's width): the most likely slices under each level's presence and a
+    Gaussian for each step along the stack's normal, from the learned steps (learn_level_steps). On real MR, where a
+    level is present on many slices, this keeps L5/S1 from a slice 2-4 off the others' (benchmarks/REAL_MR.md).
+    Without learned steps, or where a level has no candidate, each level goes where it is most present."""
+    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    candidates = {level: np.asarray(indices, int) for level, indices in candidates.items() if len(indices)}
+    steps = (localiser.level_steps_mm or {}).get(condition)
+    if steps is None or len(candidates) < len(LEVELS):
+        return {level: most_present(outputs, channels[level], indices) for level, indices in candidates.items()}
+    along = stack.positions @ stack.normal
+    scores = [np.log(np.maximum(outputs[candidates[LEVELS[0]], channels[LEVELS[0]], 2], 1e-6))]
+    back = []
+    for upper, lower, (mean, sd) in zip(LEVELS, LEVELS[1:], steps):
+        expected = float(np.asarray(mean) @ stack.normal)
+        spread = float(np.linalg.norm(np.asarray(sd) * stack.normal))
+        step = along[candidates[lower]][None] - along[candidates[upper]][:, None]
+        total = scores[-1][:, None] - 0.5 * ((step - expected) / spread) ** 2
+        back.append(total.argmax(axis=0))
+        scores.append(total.max(axis=0) + np.log(np.maximum(outputs[candidates[lower], channels[lower], 2], 1e-6)))
+    picks = [int(scores[-1].argmax())]
+    for pointers in reversed(back):
+        picks.append(int(pointers[picks[-1]]))
+    return {level: int(candidates[level][pick]) for level, pick in zip(LEVELS, picks[::-1])}
 
 
 def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains=None):

@@ -4,6 +4,7 @@ run; `localise` writes train_label_coordinates.csv's format; and localise → pr
 every test study, at the points it found."""
 
 import json
+import types
 from dataclasses import replace
 
 import anatomy_synthetic as A
@@ -257,6 +258,27 @@ def test_a_chain_keeps_two_levels_off_one_disc_where_their_own_peaks_would_share
     picks = script.best_chain(candidates, STEPS)
     assert picks == [0, 0, 1, 0, 0]
     assert not script.chain_broken([candidates[level][pick][0] for level, pick in enumerate(picks)], STEPS)
+
+
+def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_labels_show():
+    """Twelve sagittal slices 4 mm apart. Four canal levels are most present on slice 5; L5/S1 is most present on slice
+    1 (16 mm to the right) but nearly as present on slice 7, 8 mm to the left, where the labels put L5/S1 (each
+    step straight down, the last 8 mm to the left). Jointly, L5/S1 takes slice 7; without learned steps, slice 1."""
+    positions = np.array([[4.0 * i, 0.0, 0.0] for i in range(12)])
+    stack = types.SimpleNamespace(positions=positions, normal=np.eye(3)[0], slice_spacing=4.0)
+    outputs = np.zeros((12, len(script.LOCALISER_CHANNELS), 3))
+    outputs[:, :, 2] = 0.01
+    outputs[5, 0:4, 2] = 0.95
+    outputs[1, 4, 2], outputs[7, 4, 2] = 0.9, 0.6
+    steps = {"spinal_canal_stenosis": STEPS[:3] + [([8.0, 0.0, -35.0], [3.0, 3.0, 3.0])]}
+    every = {level: range(12) for level in script.LEVELS}
+    localiser = types.SimpleNamespace(level_steps_mm=steps)
+    chosen = script.chained_slices(localiser, stack, outputs, "spinal_canal_stenosis", every)
+    assert chosen == dict(zip(script.LEVELS, [5, 5, 5, 5, 7]))
+    alone = script.chained_slices(
+        types.SimpleNamespace(level_steps_mm=None), stack, outputs, "spinal_canal_stenosis", every
+    )
+    assert alone == dict(zip(script.LEVELS, [5, 5, 5, 5, 1]))
 
 
 def test_a_chain_that_cannot_be_made_is_none_and_a_wrong_way_step_is_broken():
