@@ -281,6 +281,15 @@ def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_label
     assert alone == dict(zip(script.LEVELS, [5, 5, 5, 5, 1]))
 
 
+def test_smoothed_presence_picks_the_middle_of_a_plateau_and_keeps_a_sharp_peak_in_any_stack_order():
+    plateau = np.array([0.05, 0.9, 0.8, 0.8, 0.05])  # Most present at the plateau's edge, slice 1.
+    for along in (np.arange(5.0), -np.arange(5.0) * 4.0):  # Slices stored head-first or foot-first along the normal.
+        assert np.argmax(script.smoothed_presence(plateau, along)) == 2
+    sharp = np.array([0.01, 0.01, 0.99, 0.01])
+    assert np.argmax(script.smoothed_presence(sharp, np.array([3.0, 1.0, 2.0, 0.0]))) == 2
+    assert np.allclose(script.smoothed_presence(np.full(4, 0.7), np.arange(4.0)), 0.7)
+
+
 def test_a_chain_that_cannot_be_made_is_none_and_a_wrong_way_step_is_broken():
     discs = [np.array([0.0, 0.0, -35.0 * level]) for level in range(5)]
     on_one_disc = [[(discs[0], 0.0)] for _ in range(5)]
