@@ -3350,19 +3350,15 @@ def chained_slices(localiser, stack, outputs, condition, candidates):
     steps = (localiser.level_steps_mm or {}).get(condition)
     if steps is None or len(candidates) < len(LEVELS):
         return {level: int(indices[np.argmax(presence[level][indices])]) for level, indices in candidates.items()}
-    scores = [np.log(np.maximum(presence[LEVELS[0]][candidates[LEVELS[0]]], 1e-6))]
-    back = []
+    scores = [np.log(np.maximum(presence[level][candidates[level]], 1e-6)) for level in LEVELS]
+    transitions = []
     for upper, lower, (mean, sd) in zip(LEVELS, LEVELS[1:], steps):
         expected = float(np.asarray(mean) @ stack.normal)
         spread = float(np.linalg.norm(np.asarray(sd) * stack.normal))
         step = along[candidates[lower]][None] - along[candidates[upper]][:, None]
-        total = scores[-1][:, None] - 0.5 * ((step - expected) / spread) ** 2
-        back.append(total.argmax(axis=0))
-        scores.append(total.max(axis=0) + np.log(np.maximum(presence[lower][candidates[lower]], 1e-6)))
-    picks = [int(scores[-1].argmax())]
-    for pointers in reversed(back):
-        picks.append(int(pointers[picks[-1]]))
-    return {level: int(candidates[level][pick]) for level, pick in zip(LEVELS, picks[::-1])}
+        transitions.append(-0.5 * ((step - expected) / spread) ** 2)
+    picks = best_path(scores, transitions)
+    return {level: int(candidates[level][pick]) for level, pick in zip(LEVELS, picks)}
 
 
 def smoothed_presence(presence, along):
@@ -3487,15 +3483,23 @@ def best_chain(candidates, steps):
     candidates: per level, in LEVELS order, [(world point, score), ...]; steps: per neighbouring pair, the mean step
     and its standard deviation (learn_level_steps). Returns the index chosen for each level, or None when no chain is
     possible."""
-    best = [np.array([score for _, score in candidates[0]], float)]
-    back = []
-    for level in range(1, len(candidates)):
-        before = np.array([point for point, _ in candidates[level - 1]], float)
-        here = np.array([point for point, _ in candidates[level]], float)
-        plausible = plausible_steps(here[None] - before[:, None], steps[level - 1][0])
-        total = best[-1][:, None] + np.where(plausible, 0.0, -np.inf)
+    points = [np.array([point for point, _ in offered], float) for offered in candidates]
+    transitions = [
+        np.where(plausible_steps(here[None] - before[:, None], mean), 0.0, -np.inf)
+        for before, here, (mean, _) in zip(points, points[1:], steps)
+    ]
+    return best_path([np.array([score for _, score in offered], float) for offered in candidates], transitions)
+
+
+def best_path(scores, transitions):
+    """The index chosen at each stage of a chain that maximises the sum of the stages' `scores` (one array per stage)
+    and the `transitions` between neighbouring stages (one matrix per pair, [earlier, later]), by dynamic
+    programming; None when every path scores -inf."""
+    best, back = [scores[0]], []
+    for transition, here in zip(transitions, scores[1:]):
+        total = best[-1][:, None] + transition
         back.append(total.argmax(axis=0))
-        best.append(total.max(axis=0) + np.array([score for _, score in candidates[level]], float))
+        best.append(total.max(axis=0) + here)
     if not np.isfinite(best[-1]).any():
         return None
     chosen = [int(best[-1].argmax())]
