@@ -7,7 +7,7 @@ seed's head grades 2.5D crops cut there. Run it as `python script.py`, or paste 
 
 Evidence (2-core CPU, TF 2.21 / Keras 3.15, from random weights, so offline): the shipped sample scores 0.312
 against the best constant's 0.927 in 4.6 minutes (2026-12-02); a synthetic competition of 80 + 20 studies: points
-found to 1.4-1.9 mm, and the submission 0.281 against 0.305 at the true points (2026-12-04). README has the rest.
+found to 1.4-2.0 mm, and the submission 0.278 against 0.305 at the true points (2026-12-05). README has the rest.
 
     python script.py                                  # train on ./train.csv, predict ./test.csv
     python script.py --weights none --image-size 64 --epochs 8 --fine-tune-epochs 2 --batch-size 16
