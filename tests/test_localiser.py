@@ -144,12 +144,14 @@ def test_localise_prepare_predict_fills_every_row_at_points_near_the_truth(compe
     assert at_constant.mean() < 0.5  # Most rows were graded at found points.
 
     # Each found point on its slice and the neighbours its severity mixes in, weighted; the weights of a point sum
-    # to 1.
+    # to 1, or to its chain_trust (< 1, the rest from the best constant) where the chain moved it off its peak.
     points = pd.read_csv(output_dir / "test_coordinates.csv")
     assert list(points.columns) == [*script.COORDINATE_COLUMNS, script.CROP_WEIGHT]
     assert set(points["study_id"]) == set(competition.test_study_ids)
     point = points.groupby(["study_id", "condition", "level"])
-    np.testing.assert_allclose(point[script.CROP_WEIGHT].sum(), 1.0, atol=1e-3)
+    totals = point[script.CROP_WEIGHT].sum()
+    assert ((totals > 0) & (totals <= 1 + 1e-3)).all()
+    assert (totals >= 1 - 1e-3).mean() >= 0.8, totals[totals < 1 - 1e-3]  # Most points are the chain's own peaks.
     assert (point.size() <= 3).all() and (point["instance_number"].nunique() == point.size()).all()
     read_back = script.read_coordinates(output_dir / "test_coordinates.csv")
     assert len(read_back) == len(points)  # Every slice of a point is kept, as a weighted label coordinate.
