@@ -3601,7 +3601,10 @@ def most_present(outputs, channel, candidates):
     return int(candidates[np.argmax(outputs[candidates, channel, 2])])
 
 
-LOCALISER_PREDICT_BATCH = 16  # Slices per call: one fixed shape, so the graph is traced once, not per stack size.
+# Slices per call. The last call of a stack is not padded to it: the predictor is traced for a second batch size once
+# and then for any (reduce_retracing; it is never compiled, so no XLA program per size either), and padding had doubled
+# the work: a study's sagittal stacks are 15-20 slices, an axial sub-stack's points a few (benchmarks/README.md).
+LOCALISER_PREDICT_BATCH = 32
 
 
 def predict_slices(localiser, volume, indices):
@@ -3610,12 +3613,9 @@ def predict_slices(localiser, volume, indices):
     images = localiser_input([triplet(volume, index) for index in indices])
     outputs, heatmaps = [], []
     for start in range(0, len(images), LOCALISER_PREDICT_BATCH):
-        chunk = images[start : start + LOCALISER_PREDICT_BATCH]
-        padded = np.zeros((LOCALISER_PREDICT_BATCH, *chunk.shape[1:]), np.float32)
-        padded[: len(chunk)] = chunk
-        output, heatmap = localiser.predictor.predict_on_batch(padded)
-        outputs.append(np.asarray(output, np.float64)[: len(chunk)])
-        heatmaps.append(np.asarray(heatmap, np.float32)[: len(chunk)])
+        output, heatmap = localiser.predictor.predict_on_batch(images[start : start + LOCALISER_PREDICT_BATCH])
+        outputs.append(np.asarray(output, np.float64))
+        heatmaps.append(np.asarray(heatmap, np.float32))
     outputs = np.concatenate(outputs)
     outputs[..., 2] = 1.0 / (1.0 + np.exp(-outputs[..., 2]))
     return outputs, np.concatenate(heatmaps)
