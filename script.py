@@ -2072,6 +2072,25 @@ def load_saved_model(path, severity=True):
     return model
 
 
+def predict_in_batches(model, images, batch_size):
+    """Each of the model's outputs (a list, one array per output) for `images`, `batch_size` at a time. Under XLA
+    (Keras' default for a model on a GPU), which compiles a program for each batch size, the last batch is padded to a
+    whole one; elsewhere it is not: the predict function is traced for any batch size after its second
+    (reduce_retracing), and padding is work for nothing (at 16 slices a call, half the localiser's were blank: a
+    test study took 2.2 s instead of 1.8, benchmarks/README.md)."""
+    pad = bool(model.jit_compile)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = batch = images[start : start + batch_size]
+        if pad and len(chunk) < batch_size:
+            batch = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+            batch[: len(chunk)] = chunk
+        result = model.predict_on_batch(batch)
+        results = result if isinstance(result, (list, tuple)) else [result]
+        outputs.append([np.asarray(each)[: len(chunk)] for each in results])
+    return [np.concatenate(parts) for parts in zip(*outputs)]
+
+
 # Devices and precision.
 
 
@@ -3601,24 +3620,17 @@ def most_present(outputs, channel, candidates):
     return int(candidates[np.argmax(outputs[candidates, channel, 2])])
 
 
-# Slices per call. The last call of a stack is not padded to it: the predictor is traced for a second batch size once
-# and then for any (reduce_retracing; it is never compiled, so no XLA program per size either), and padding had doubled
-# the work: a study's sagittal stacks are 15-20 slices, an axial sub-stack's points a few (benchmarks/README.md).
-LOCALISER_PREDICT_BATCH = 32
+LOCALISER_PREDICT_BATCH = 32  # slices per call: a sagittal stack (15-20 slices) in one
 
 
 def predict_slices(localiser, volume, indices):
     """The localiser's output (len(indices), channels, 3) for some slices of a volume, presence logits made
     probabilities, and its heatmap logits (len(indices), height, width, channels)."""
     images = localiser_input([triplet(volume, index) for index in indices])
-    outputs, heatmaps = [], []
-    for start in range(0, len(images), LOCALISER_PREDICT_BATCH):
-        output, heatmap = localiser.predictor.predict_on_batch(images[start : start + LOCALISER_PREDICT_BATCH])
-        outputs.append(np.asarray(output, np.float64))
-        heatmaps.append(np.asarray(heatmap, np.float32))
-    outputs = np.concatenate(outputs)
+    outputs, heatmaps = predict_in_batches(localiser.predictor, images, LOCALISER_PREDICT_BATCH)
+    outputs = np.asarray(outputs, np.float64)
     outputs[..., 2] = 1.0 / (1.0 + np.exp(-outputs[..., 2]))
-    return outputs, np.concatenate(heatmaps)
+    return outputs, heatmaps
 
 
 @dataclass(frozen=True)
@@ -5037,19 +5049,8 @@ class Grader:
             images = np.stack([read_image(path, model.input_shape[1]) for path in image_paths])
             images = keras.applications.resnet50.preprocess_input(images)
             with self.lock:
-                per_model.append(floored(predict_in_full_batches(model, images, self.batch_size)))
+                per_model.append(floored(np.asarray(predict_in_batches(model, images, self.batch_size)[0], float)))
         return np.mean(per_model, axis=0)
-
-
-def predict_in_full_batches(model, images, batch_size):
-    """The model's outputs for images, in batches padded to batch_size, so its predict function is traced once."""
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
-        padded[: len(chunk)] = chunk
-        outputs.append(np.asarray(model.predict_on_batch(padded), np.float64)[: len(chunk)])
-    return np.concatenate(outputs)
 
 
 def model_files(paths):

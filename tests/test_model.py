@@ -172,6 +172,29 @@ def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
 
 
+class RecordingModel:
+    """Stands in for a Keras model: records the batch sizes it is given and returns two outputs per image."""
+
+    def __init__(self, jit_compile):
+        self.jit_compile, self.batch_sizes = jit_compile, []
+
+    def predict_on_batch(self, batch):
+        self.batch_sizes.append(len(batch))
+        return [batch.sum(axis=1), batch * 2]
+
+
+@pytest.mark.parametrize("jit_compile, sizes", [(False, [16, 1]), (True, [16, 16])])
+def test_a_last_short_batch_is_padded_only_where_xla_compiles_each_size(jit_compile, sizes):
+    """predict_in_batches: without XLA a stack of 17 goes as 16 and 1 (no blank work); under XLA, which compiles a
+    program per batch size, as 16 and 16, the padding's outputs dropped. Either way the same outputs, in order."""
+    images = np.arange(17 * 3, dtype=np.float32).reshape(17, 3)
+    model = RecordingModel(jit_compile)
+    sums, doubled = script.predict_in_batches(model, images, 16)
+    assert model.batch_sizes == sizes
+    np.testing.assert_array_equal(sums, images.sum(axis=1))
+    np.testing.assert_array_equal(doubled, images * 2)
+
+
 def test_from_scratch_model_learns_everywhere_in_both_phases():
     """Without pretrained weights nothing is frozen: every layer trains in phase 1, and phase 2 changes nothing
     but the learning rate (there are no pretrained features to protect)."""
