@@ -43,7 +43,9 @@ def test_the_localiser_and_the_dicoms_are_counted_by_stage(monkeypatch, capsys, 
     settings = types.SimpleNamespace(image_size=224, epochs=5, fine_tune_epochs=3)
     options = types.SimpleNamespace(folds=1, val_fraction=0.25, workers=2)
     hours = script.print_time_estimate(settings, localiser, rows_of_studies(400), options, tmp_path)
-    slices = localiser.localiser_epochs * max(3 * 300 * localiser.localiser_slices_per_study, 192)
+    slices = localiser.localiser_epochs * max(
+        3 * 300 * localiser.localiser_slices_per_study, localiser.localiser_min_slices_per_epoch
+    )
     localiser_hours = slices * script.LOCALISER_STEP_COST * 0.01 / 3600
     assert hours == pytest.approx(0.5 + localiser_hours + 300 * 8 * 0.01 / 3600)
     assert sizes == [localiser.localiser_image_size, 224]
