@@ -191,7 +191,7 @@ LOCALISER_SLICES_PER_STUDY = 2  # per series kind and epoch
 # More slices per study where there are few studies, so the localiser gets enough steps to learn: with one series kind,
 # 19 real-MR training studies give 38 slices an epoch; at least 192 took within 10 mm from 73-93 % to 97 % on two folds,
 # and 384 over all 30 studies: median 4.1 -> 3.4 mm, within 10 mm 91 -> 95 %, levels on a wrong disc 2 -> 1
-# (benchmarks/REAL_MR.md). From 64 training studies with all three kinds, 2 a study already make 384.
+# (benchmarks/REAL_MR.md). The 80-study phantoms (177 study-kinds) now draw 3 a study-kind, 531 slices, not 354.
 LOCALISER_MIN_SLICES_PER_EPOCH = 384
 LOCALISER_LABELLED_SHARE = 0.5  # of those, drawn at or next to a labelled slice; the rest anywhere in the stack
 LOCALISER_BATCH_SIZE = 8  # slices per step
