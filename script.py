@@ -2359,7 +2359,7 @@ def stop_at_batch_end_on_interrupt(signal_number, frame):
     print("\ninterrupted: stopping at the end of this batch (Ctrl-C again to stop at once)", flush=True)
 
 
-def learning_rate_schedule(learning_rate, steps_per_epoch, epochs, final_share=1.0):
+def learning_rate_schedule(learning_rate, steps_per_epoch, epochs, final_share):
     """A phase's learning rate: warmed up linearly over its first epoch (at most a quarter of the phase), then
     cosine-decayed to final_share of it (1: constant).
 
