@@ -1752,8 +1752,21 @@ def decoding_pool(workers):
     and only read files and run NumPy and OpenCV, never TensorFlow. Threads where fork is missing (Windows; macOS
     does not fork by default), and for one worker."""
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        findable_by_pickle()
         return DecodingProcesses(workers, mp_context=multiprocessing.get_context("fork"))
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+
+def findable_by_pickle():
+    """Pickle sends a worker a function or class by its module and name, and this script's say they are __main__'s.
+    Run under a profiler (python -m cProfile script.py ...) or runpy, __main__ is another module: this script's
+    functions and classes are then also set on it, where the forked workers and the parent will look them up."""
+    main = sys.modules.get("__main__")
+    if main is None or vars(main) is globals():
+        return
+    for name, value in list(globals().items()):
+        if getattr(value, "__module__", None) == "__main__" and not hasattr(main, name):
+            setattr(main, name, value)
 
 
 WORKER_STALL_SECONDS = 600  # one series or study a worker has not decoded in this long: it is stuck, not slow

@@ -5,6 +5,7 @@ encoding crops alike; a rerun keeps only the crops cut from the same file, point
 
 import os
 import re
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -489,3 +490,16 @@ def test_a_worker_process_that_dies_or_stalls_is_named_and_nothing_half_written_
     message = capsys.readouterr().err
     assert message.startswith(f"error: {expected}") and "--workers 1" in message and message.count("\n") == 1
     assert all(cv2.imread(str(path)) is not None for path in out_dir.rglob("*.png"))
+
+
+def test_worker_processes_find_the_jobs_when_the_script_runs_under_a_profiler(competition, prepared, tmp_path):
+    """Under `python -m cProfile script.py`, __main__ is the profiler's module: the forked workers must still be sent
+    the crop jobs (pickled by name), and cut the same crops."""
+    out_dir = tmp_path / "seed"
+    command = [sys.executable, "-m", "cProfile", "-o", os.devnull, str(Path(P.__file__)), "prepare"]
+    command += ["--competition-dir", str(competition.root), "--out-dir", str(out_dir), "--split", "train"]
+    command += ["--workers", "2", "--crop-mm", str(CROP_MM), "--crop-pixels", str(CROP_PIXELS)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len(pd.read_csv(out_dir / "train.csv")) == len(prepared[2])
