@@ -75,6 +75,7 @@ def native_stderr_silenced():
 import argparse
 import concurrent.futures
 import functools
+import importlib.util
 import io
 import json
 import math
@@ -136,9 +137,11 @@ cv2.setNumThreads(0)
 
 # == 1. config =========================================================================================================
 
-# Plain defaults, each also a command-line option (`python script.py --help` says what each does). In a notebook,
-# edit them here, or set sys.argv. A run reads each model's block only through that model's settings (below),
-# which it records in config.json and which --resume must find unchanged.
+# Plain defaults. Each setting of the run and of the two models is also a command-line option of the same name
+# (HEAD_UNITS: --head-units; the learning rates are --lr and --fine-tune-lr), which `python script.py --help` explains;
+# the dicts (the augmentations) are edited here only. In a notebook, edit them here, or set sys.argv. A run reads each
+# model's block only through that model's settings (below), which it records in config.json and which --resume must
+# find unchanged.
 
 DATA_DIR = None  # train.csv, test.csv and images, or the competition's folder. None: ".", or what Kaggle attached.
 OUTPUT_DIR = None  # None: ".", or /kaggle/working on Kaggle.
@@ -263,9 +266,9 @@ PRECISIONS = {
 
 @dataclass(frozen=True)
 class SeveritySettings:
-    """The severity model's settings, from the block above and the command line (severity_settings(options)). Each
-    field is named as its option's destination (--fine-tune-lr: fine_tune_lr), or as its config-block name in lower
-    case where it has no option (AUGMENTATION: augmentation)."""
+    """The severity model's settings, from the command line and the block above (severity_settings(options)). Each
+    field is named as its option's destination (--fine-tune-lr: fine_tune_lr; --head-units: head_units), or as its
+    config-block name in lower case where it has no option (AUGMENTATION: augmentation)."""
 
     image_size: int
     batch_size: int
@@ -288,7 +291,7 @@ class SeveritySettings:
 
 
 def severity_settings(options):
-    """The severity model's settings for a run: its options, and the config block for what has no option."""
+    """The severity model's settings for a run: its options, and the config block for the augmentation."""
     check_augmentation(AUGMENTATION, "AUGMENTATION")
     return SeveritySettings(
         image_size=options.image_size,
@@ -300,11 +303,11 @@ def severity_settings(options):
         fine_tune_layers=options.fine_tune_layers,
         weights=options.weights,
         class_weights=tuple(options.class_weights),
-        batch_normalization_images=BATCH_NORMALIZATION_IMAGES,
-        head_units=HEAD_UNITS,
-        head_dropout=HEAD_DROPOUT,
+        batch_normalization_images=options.batch_normalization_images,
+        head_units=options.head_units,
+        head_dropout=options.head_dropout,
         augmentation=dict(AUGMENTATION),
-        final_learning_rate=FINAL_LEARNING_RATE,
+        final_learning_rate=options.final_learning_rate,
     )
 
 
@@ -335,24 +338,24 @@ class LocaliserSettings:
 
 
 def localiser_settings(options):
-    """The localiser's settings for a run: its options, and its config block for what has no option."""
+    """The localiser's settings for a run: its options, and its config block for the augmentations."""
     check_augmentation(LOCALISER_AUGMENTATION, "LOCALISER_AUGMENTATION")
     return LocaliserSettings(
         localiser_image_size=options.localiser_image_size,
         localiser_epochs=options.localiser_epochs,
-        localiser_slices_per_study=LOCALISER_SLICES_PER_STUDY,
-        localiser_min_slices_per_epoch=LOCALISER_MIN_SLICES_PER_EPOCH,
-        localiser_labelled_share=LOCALISER_LABELLED_SHARE,
-        localiser_batch_size=LOCALISER_BATCH_SIZE,
-        localiser_learning_rate=LOCALISER_LEARNING_RATE,
-        localiser_final_learning_rate=LOCALISER_FINAL_LEARNING_RATE,
+        localiser_slices_per_study=options.localiser_slices_per_study,
+        localiser_min_slices_per_epoch=options.localiser_min_slices_per_epoch,
+        localiser_labelled_share=options.localiser_labelled_share,
+        localiser_batch_size=options.localiser_batch_size,
+        localiser_learning_rate=options.localiser_learning_rate,
+        localiser_final_learning_rate=options.localiser_final_learning_rate,
         localiser_augmentation=dict(LOCALISER_AUGMENTATION),
         localiser_intensity_augmentation=dict(LOCALISER_INTENSITY_AUGMENTATION),
-        localiser_intensity_share=LOCALISER_INTENSITY_SHARE,
-        localiser_width=LOCALISER_WIDTH,
-        localiser_coordinate_loss_weight=LOCALISER_COORDINATE_LOSS_WEIGHT,
-        localiser_heatmap_sigma_cells=LOCALISER_HEATMAP_SIGMA_CELLS,
-        localiser_peak_window=LOCALISER_PEAK_WINDOW,
+        localiser_intensity_share=options.localiser_intensity_share,
+        localiser_width=options.localiser_width,
+        localiser_coordinate_loss_weight=options.localiser_coordinate_loss_weight,
+        localiser_heatmap_sigma_cells=options.localiser_heatmap_sigma_cells,
+        localiser_peak_window=options.localiser_peak_window,
         weights=options.weights,
     )
 
@@ -871,13 +874,23 @@ def study_series(series_descriptions):
 # == 4. DICOM and geometry =============================================================================================
 
 
+PYDICOM_MISSING = "reading DICOM files needs pydicom: pip install pydicom"
+
+
 def load_pydicom():
     """Import pydicom on first use, so the rest of the script runs without it."""
     try:
         import pydicom
     except ImportError as error:
-        raise InputError("reading DICOM files needs pydicom: pip install pydicom") from error
+        raise InputError(PYDICOM_MISSING) from error
     return pydicom
+
+
+def require_pydicom():
+    """Refuse at once where pydicom is not installed, without importing it: the forked decoding processes then each
+    import it themselves, side by side, rather than all waiting for the parent's import (0.15-0.3 s)."""
+    if importlib.util.find_spec("pydicom") is None:
+        raise InputError(PYDICOM_MISSING)
 
 
 def read_slice(path, without_spacing=None):
@@ -1447,7 +1460,7 @@ def cut_crops(rows, images_dir, out_dir, crops_folder, crop_mm, crop_pixels, wor
     if tasks:
         if not images_dir.is_dir():
             raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
-        load_pydicom()
+        require_pydicom()
     output_dir.mkdir(parents=True, exist_ok=True)
     refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
     try:
@@ -5442,6 +5455,35 @@ def choices_help(choices):
     return "; ".join(f"{choice}: {meaning}" for choice, meaning in choices.items())
 
 
+def share(text):
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+# The models' settings that build_parser gives no option of its own: each is an option named as its config variable
+# (--head-units sets HEAD_UNITS), so every setting has one name. The dicts (the augmentations) are edited in § 1.
+SETTING_OPTIONS = {
+    "final_learning_rate": (share, "the severity model's rate decays to this share of each phase's"),
+    "batch_normalization_images": (positive_int, "from scratch: images that reset BatchNormalization each epoch"),
+    "head_units": (positive_int, "the head's Dense units"),
+    "head_dropout": (fraction, "the head's dropout"),
+    "localiser_slices_per_study": (positive_int, "the localiser's slices per study, series kind and epoch"),
+    "localiser_min_slices_per_epoch": (non_negative_int, "the localiser's least slices an epoch"),
+    "localiser_labelled_share": (share, "the share of them at or next to a labelled slice"),
+    "localiser_batch_size": (positive_int, "the localiser's slices per step"),
+    "localiser_learning_rate": (positive_number, "the localiser's Adam rate"),
+    "localiser_final_learning_rate": (share, "the localiser's rate decays to this share of it"),
+    "localiser_intensity_share": (share, "the share of its slices whose intensities are varied"),
+    "localiser_width": (positive_int, "channels of the localiser's feature pyramid"),
+    "localiser_coordinate_loss_weight": (positive_number, "its coordinates' weight in its loss, against presence"),
+    "localiser_heatmap_sigma_cells": (positive_number, "its heatmap target's Gaussian, in cells"),
+    "localiser_peak_window": (non_negative_int, "cells around a heatmap peak that a found point averages"),
+}
+
+
 def build_parser(command):
     """The argparse parser for one command; `train` is the default command."""
     program = "script.py" if command == "train" else f"script.py {command}"
@@ -5553,6 +5595,11 @@ def build_parser(command):
             default=LOCALISER_IMAGE_SIZE,
             help="the localiser's input, pixels, square (default: %(default)s)",
         )
+        for name, (kind, meaning) in SETTING_OPTIONS.items():
+            option = "--" + name.replace("_", "-")
+            parser.add_argument(
+                option, type=kind, default=globals()[name.upper()], help=f"{meaning} (default: %(default)s)"
+            )
         parser.add_argument(
             "--no-test",
             action="store_true",

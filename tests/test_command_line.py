@@ -43,6 +43,23 @@ def test_bare_command_line_trains_with_the_defaults():
     assert (options.weights, options.class_weights) == (script.WEIGHTS, script.CLASS_WEIGHTS)
 
 
+def test_every_scalar_setting_is_an_option_named_as_its_config_variable():
+    """Each model setting that is a number has one name: --head-units sets HEAD_UNITS's setting, head_units."""
+    _, options = script.parse_arguments([])
+    settings = {**script.severity_settings(options).recorded(), **script.localiser_settings(options).recorded()}
+    named = [
+        name for name, value in settings.items() if isinstance(value, (int, float)) and name.upper() in vars(script)
+    ]
+    assert "localiser_min_slices_per_epoch" in named and "head_units" in named
+    for name in named:
+        assert getattr(options, name) == getattr(script, name.upper()), name
+    changed = ["--head-units", "16", "--localiser-min-slices-per-epoch", "768", "--final-learning-rate", "0.5"]
+    _, options = script.parse_arguments(changed)
+    assert script.severity_settings(options).head_units == 16
+    assert script.severity_settings(options).final_learning_rate == 0.5
+    assert script.localiser_settings(options).localiser_min_slices_per_epoch == 768
+
+
 def test_predict_command_parses_several_models():
     """`predict` takes one or more saved models, to average them, plus the options it shares with train."""
     command, options = script.parse_arguments(["predict", "--model", "a.keras", "b.keras", "--batch-size", "8"])

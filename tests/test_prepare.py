@@ -260,10 +260,14 @@ def test_prepare_summary_prints_counts_and_names_broken_files(competition, tmp_p
         assert str(path) in printed
 
 
-def test_missing_pydicom_raises_input_error(monkeypatch):
+def test_missing_pydicom_raises_input_error(monkeypatch, competition, tmp_path):
     monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(P.InputError, match="pip install pydicom"):
         P.load_pydicom()
+    with pytest.raises(P.InputError, match="pip install pydicom"):
+        P.require_pydicom()
+    with pytest.raises(P.InputError, match="pip install pydicom"):
+        prepare(competition, tmp_path / "seed")
 
 
 def test_coordinates_accept_snake_case_and_pick_duplicates_by_position_not_row_order(tmp_path):
