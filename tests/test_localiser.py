@@ -262,6 +262,16 @@ def test_a_chain_keeps_two_levels_off_one_disc_where_their_own_peaks_would_share
     assert not script.chain_broken([candidates[level][pick][0] for level, pick in enumerate(picks)], STEPS)
 
 
+def test_a_step_four_tenths_longer_than_the_mean_breaks_the_chain():
+    """Real spines' steps lie within 0.87-1.13 of the mean; a chain squeezed up one disc at its top (real MR's miscount:
+    L1/L2 on T12/L1, L2/L3 on L1/L2's disc) has one step 1.37-1.49 times it, where the disc between was skipped."""
+    mean = [0.0, 0.0, -35.0]
+    assert script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 0.75], [0.0, 0.0, -35.0 * 1.25]]), mean).all()
+    assert not script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 1.4], [0.0, 0.0, -35.0 * 0.6]]), mean).any()
+    squeezed = [np.array([0.0, 0.0, z]) for z in (7.0, -34.0, -61.0, -113.0, -146.0)]  # steps 1.17, 0.77, 1.49, 0.94
+    assert script.chain_broken(squeezed, STEPS)
+
+
 def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_labels_show():
     """Twelve sagittal slices 4 mm apart. Four canal levels are most present on slice 5; L5/S1 is most present on slice
     1 (16 mm to the right) but nearly as present on slice 7, 8 mm to the left, where the labels put L5/S1 (each
