@@ -225,6 +225,10 @@ CHAIN_CANDIDATES = 6
 CHAIN_STEP_RANGE = (0.7, 1.3)
 CHAIN_STEP_ANGLE = 40.0  # degrees
 CHAIN_MIN_SD_MM = 3.0  # mm: the least standard deviation recorded for a step, per axis
+# Choosing a condition's slices jointly, each step across the stack is weighed by a Gaussian this many times wider than
+# the labels' own scatter of it: the slices the presence picks scatter too. Real MR, two sets of five fold localisers:
+# slice within one 88 / 88 % at 1, 90 / 90 % at 2, 91 / 91 % at 2.5 and 3 (benchmarks/REAL_MR.md).
+CHAIN_SLICE_SD_FACTOR = 2.5
 # Where the chain moves a level off its own heatmap's peak, neither is sure: the level's crops then carry
 # min(1, p(place) / p(peak) / CHAIN_TRUST_RATIO) of its prediction, and its best constant the rest (row_probabilities).
 CHAIN_TRUST_RATIO = 0.6
@@ -3383,9 +3387,9 @@ def chained_slices(localiser, stack, outputs, condition, candidates):
     that the steps across the stack from one level to the next are those the labels show (the canal drifts little
     from its midline, a foramen by its level's width): the most likely slices under each level's presence (smoothed
     across neighbouring slices) and a Gaussian for each step along the stack's normal, from the learned steps
-    (learn_level_steps). On real MR, where a disc is present on many slices, this keeps L5/S1 from a slice 2-4 off the
-    others' (benchmarks/REAL_MR.md). Without learned steps, or where a level has no candidate, each level goes where it
-    is most present."""
+    (learn_level_steps), CHAIN_SLICE_SD_FACTOR times as wide. On real MR, where a disc is present on many slices, this
+    keeps L5/S1 from a slice 2-4 off the others' (benchmarks/REAL_MR.md). Without learned steps, or where a level has
+    no candidate, each level goes where it is most present."""
     channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
     candidates = {level: np.asarray(indices, int) for level, indices in candidates.items() if len(indices)}
     along = stack.positions @ stack.normal
@@ -3397,7 +3401,7 @@ def chained_slices(localiser, stack, outputs, condition, candidates):
     transitions = []
     for upper, lower, (mean, sd) in zip(LEVELS, LEVELS[1:], steps):
         expected = float(np.asarray(mean) @ stack.normal)
-        spread = float(np.linalg.norm(np.asarray(sd) * stack.normal))
+        spread = CHAIN_SLICE_SD_FACTOR * float(np.linalg.norm(np.asarray(sd) * stack.normal))
         step = along[candidates[lower]][None] - along[candidates[upper]][:, None]
         transitions.append(-0.5 * ((step - expected) / spread) ** 2)
     picks = best_path(scores, transitions)
