@@ -91,7 +91,7 @@ import time
 import warnings
 import weakref
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -298,21 +298,8 @@ class SeveritySettings:
 def severity_settings(options):
     """The severity model's settings for a run: its options, and the config block for the augmentation."""
     check_augmentation(AUGMENTATION, "AUGMENTATION")
-    return SeveritySettings(
-        image_size=options.image_size,
-        batch_size=options.batch_size,
-        epochs=options.epochs,
-        fine_tune_epochs=options.fine_tune_epochs,
-        lr=options.lr,
-        fine_tune_lr=options.fine_tune_lr,
-        fine_tune_layers=options.fine_tune_layers,
-        weights=options.weights,
-        class_weights=tuple(options.class_weights),
-        batch_normalization_images=options.batch_normalization_images,
-        head_units=options.head_units,
-        head_dropout=options.head_dropout,
-        augmentation=dict(AUGMENTATION),
-        final_learning_rate=options.final_learning_rate,
+    return settings_from(
+        SeveritySettings, options, class_weights=tuple(options.class_weights), augmentation=dict(AUGMENTATION)
     )
 
 
@@ -345,23 +332,18 @@ class LocaliserSettings:
 def localiser_settings(options):
     """The localiser's settings for a run: its options, and its config block for the augmentations."""
     check_augmentation(LOCALISER_AUGMENTATION, "LOCALISER_AUGMENTATION")
-    return LocaliserSettings(
-        localiser_image_size=options.localiser_image_size,
-        localiser_epochs=options.localiser_epochs,
-        localiser_slices_per_study=options.localiser_slices_per_study,
-        localiser_min_slices_per_epoch=options.localiser_min_slices_per_epoch,
-        localiser_labelled_share=options.localiser_labelled_share,
-        localiser_batch_size=options.localiser_batch_size,
-        localiser_learning_rate=options.localiser_learning_rate,
-        localiser_final_learning_rate=options.localiser_final_learning_rate,
+    return settings_from(
+        LocaliserSettings,
+        options,
         localiser_augmentation=dict(LOCALISER_AUGMENTATION),
         localiser_intensity_augmentation=dict(LOCALISER_INTENSITY_AUGMENTATION),
-        localiser_intensity_share=options.localiser_intensity_share,
-        localiser_width=options.localiser_width,
-        localiser_coordinate_loss_weight=options.localiser_coordinate_loss_weight,
-        localiser_heatmap_sigma_cells=options.localiser_heatmap_sigma_cells,
-        localiser_peak_window=options.localiser_peak_window,
-        weights=options.weights,
+    )
+
+
+def settings_from(kind, options, **given):
+    """A settings dataclass of `kind`: each field the option of its name (its destination), unless `given`."""
+    return kind(
+        **{each.name: given[each.name] if each.name in given else getattr(options, each.name) for each in fields(kind)}
     )
 
 
