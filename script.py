@@ -209,12 +209,6 @@ LOCALISER_AUGMENTATION = dict(rotation_range=10, width_shift_range=0.08, height_
 # severity score 0.041 / -0.036 / 0.097 on seeds 11 / 37 / 23 against 0.027 / 0.024 / 0.059 (docs/localiser.md).
 LOCALISER_INTENSITY_AUGMENTATION = dict(gamma=(0.6, 1.6), contrast=(0.7, 1.4), bias_field=0.3, blur=1.0, noise=0.04)
 LOCALISER_INTENSITY_SHARE = 1.0
-# A spine bent sideways (a scoliosis) crosses the sagittal slices: each level's canal is on another slice, and no slice
-# shows the whole canal. For LOCALISER_BEND_SHARE of the sagittal training slices, the stack is bent so: each image row
-# is taken from the slices shifted along the normal by a smooth curve of the row (a sine arc, the middle row fixed),
-# up to LOCALISER_BEND_MM each way, and the points move with their rows (random_bend, triplet; docs/localiser.md).
-LOCALISER_BEND_SHARE = 0.3
-LOCALISER_BEND_MM = 25.0
 LOCALISER_WIDTH = 128  # channels of the head's feature pyramid
 # A point's coordinates weigh this much more than its presence in the localiser's loss: an L1 error of 0.01
 # (2 input pixels) should count about as much as a presence guess that is wrong by a fair margin.
@@ -325,8 +319,6 @@ class LocaliserSettings:
     localiser_augmentation: dict
     localiser_intensity_augmentation: dict
     localiser_intensity_share: float
-    localiser_bend_share: float
-    localiser_bend_mm: float
     localiser_width: int
     localiser_coordinate_loss_weight: float
     localiser_heatmap_sigma_cells: float
@@ -2887,9 +2879,8 @@ def channel_candidates(study, channel):
     return [study.points[key] for key in keys if key in study.points]
 
 
-def slice_targets(study, kind, volume, index, bend=None):
-    """The localiser's targets for one slice: (channels, TARGET_FIELDS); of the stack bent by `bend` (random_bend)
-    when one is given.
+def slice_targets(study, kind, volume, index):
+    """The localiser's targets for one slice: (channels, TARGET_FIELDS).
 
     A point counts as present on the slice nearest to it (within one slice spacing); its coordinates are taught
     on every slice within 1.5 spacings, where it is still in view.
@@ -2901,11 +2892,10 @@ def slice_targets(study, kind, volume, index, bend=None):
         candidates = channel_candidates(study, channel)
         if not candidates:
             continue  # Unlabelled here: neither its position nor its absence is known.
-        along = [bent_plane_distances(stack, point, bend) for point in candidates]
-        closest = int(np.argmin([abs(distances[index]) for distances in along]))
-        point, distances = candidates[closest], along[closest]
-        x, y, _ = stack.world_to_pixel(point, index)
-        distance, nearest = distances[index], int(np.argmin(np.abs(distances)))
+        distances = [abs(stack.plane_distances(point)[index]) for point in candidates]
+        point = candidates[int(np.argmin(distances))]
+        x, y, distance = stack.world_to_pixel(point, index)
+        nearest = int(np.argmin(np.abs(stack.plane_distances(point))))
         targets[channel, PRESENCE] = float(nearest == index and abs(distance) <= spacing)
         targets[channel, PRESENCE_MASK] = 1.0
         if abs(distance) <= 1.5 * spacing and stack.contains(x, y):
@@ -2913,54 +2903,9 @@ def slice_targets(study, kind, volume, index, bend=None):
     return targets
 
 
-def bent_plane_distances(stack, point, bend=None):
-    """stack.plane_distances(point) in the stack bent by `bend` (random_bend): the point has moved with its row."""
-    distances = stack.plane_distances(point)
-    if bend is None:
-        return distances
-    _, y, _ = stack.world_to_pixel(point, 0)
-    return distances - bend(to_unit(0.0, y, stack.shape)[1])
-
-
-def triplet(volume, index, bend=None):
-    """The localiser's input at slice `index`: that slice and its neighbours along the normal as 3 channels.
-
-    With a `bend` (random_bend), of the stack bent sideways: each image row of each of the three is interpolated from
-    the slices where the bend moves that row along the normal, and black beyond the stack's ends."""
-    images, indices = volume.images, neighbour_indices(index, len(volume.images))
-    if bend is None:
-        return np.stack([images[each] for each in indices], -1)
-    size = images.shape[1]
-    rows = np.arange(size)
-    shifts = bend(to_unit(0.0, rows, (size, size))[1]) / volume.stack.slice_spacing  # in slices, per row
-
-    def rows_of(slice_indices):  # Row r of slice slice_indices[r], each; black outside the stack.
-        inside = (slice_indices >= 0) & (slice_indices < len(images))
-        picked = images[np.clip(slice_indices, 0, len(images) - 1), rows].astype(np.float32)
-        return np.where(inside[:, None], picked, 0.0)
-
-    channels = []
-    for each in indices:
-        where = each + shifts
-        below = np.floor(where).astype(int)
-        above_weight = (where - below)[:, None]
-        channels.append((1.0 - above_weight) * rows_of(below) + above_weight * rows_of(below + 1))
-    return np.stack(channels, -1).round().astype(np.uint8)
-
-
-def random_bend(rng, most_mm):
-    """A smooth sideways bend of a sagittal stack, as a scoliosis bends the spine: a function of the normalised image
-    row (0 at the top edge, 1 at the bottom) giving how far (mm) along the stack's normal that row's content is taken
-    from. A sine arc of a third to one period over the image height, zero at the middle row, at most most_mm."""
-    amplitude = rng.uniform(-0.5, 0.5) * most_mm
-    periods, phase = rng.uniform(1 / 3, 1.0), rng.uniform(0.0, 2 * np.pi)
-
-    def bend(row):
-        return amplitude * (
-            np.sin(2 * np.pi * periods * np.asarray(row, float) + phase) - np.sin(np.pi * periods + phase)
-        )
-
-    return bend
+def triplet(volume, index):
+    """The localiser's input at slice `index`: that slice and its neighbours along the normal as 3 channels."""
+    return np.stack([volume.images[each] for each in neighbour_indices(index, len(volume.images))], -1)
 
 
 def localiser_input(images):
@@ -3023,9 +2968,8 @@ def define_localiser_batches():
     class LocaliserBatches(keras.utils.PyDataset):
         """Slices for the localiser, as its settings say. For training (augment): each epoch,
         localiser_slices_per_study per study and series kind it has labels for (more where that would give fewer than
-        localiser_min_slices_per_epoch slices), shuffled; localiser_bend_share of the sagittal ones from their stack
-        bent sideways (random_bend), the slices warped with their points (augment_localiser_sample) and, for
-        localiser_intensity_share of them, their intensities varied as scanners and sequences vary them
+        localiser_min_slices_per_epoch slices), shuffled, the slices warped with their points (augment_localiser_sample)
+        and, for localiser_intensity_share of them, their intensities varied as scanners and sequences vary them
         (vary_intensity). Otherwise (the BatchNormalization statistics): one slice per study and series kind, as drawn.
 
         A share of them (localiser_labelled_share) is drawn at or next to a labelled slice and the rest anywhere in the
@@ -3079,13 +3023,9 @@ def define_localiser_batches():
             else:
                 volume = study.volumes[kind][rng.integers(len(study.volumes[kind]))]
                 index = int(rng.integers(len(volume.images)))
-            settings, bend = self.settings, None
-            if self.augment and kind != "recess" and volume.stack.slice_spacing > 0:
-                if rng.random() < settings.localiser_bend_share:
-                    bend = random_bend(rng, settings.localiser_bend_mm)
-            image, targets = triplet(volume, index, bend), slice_targets(study, kind, volume, index, bend)
+            image, targets = triplet(volume, index), slice_targets(study, kind, volume, index)
             if self.augment:
-                seed = int(rng.integers(2**31))
+                settings, seed = self.settings, int(rng.integers(2**31))
                 image, targets = augment_localiser_sample(image, targets, kind, seed, settings.localiser_augmentation)
                 if rng.random() < settings.localiser_intensity_share:
                     image = vary_intensity(image, rng, settings.localiser_intensity_augmentation)
@@ -5462,14 +5402,6 @@ def positive_number(text):
     return value
 
 
-def non_negative_number(text):
-    """An argparse type: a finite number of at least 0 (a distance that may be none)."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
-    return value
-
-
 def seed_number(text):
     """An argparse type: a seed NumPy accepts, 0 to 2**32 - 1."""
     value = int(text)
@@ -5522,8 +5454,6 @@ SETTING_OPTIONS = {
     "localiser_learning_rate": (positive_number, "the localiser's Adam rate"),
     "localiser_final_learning_rate": (share, "the localiser's rate decays to this share of it"),
     "localiser_intensity_share": (share, "the share of its slices whose intensities are varied"),
-    "localiser_bend_share": (share, "the share of its sagittal slices bent sideways as by a scoliosis"),
-    "localiser_bend_mm": (non_negative_number, "the most a bent slice's rows move across the stack, mm"),
     "localiser_width": (positive_int, "channels of the localiser's feature pyramid"),
     "localiser_coordinate_loss_weight": (positive_number, "its coordinates' weight in its loss, against presence"),
     "localiser_heatmap_sigma_cells": (positive_number, "its heatmap target's Gaussian, in cells"),

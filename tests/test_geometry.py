@@ -157,48 +157,6 @@ def test_learned_offsets_find_an_unseen_studys_foramina_and_recesses(labelled_st
     assert np.median(errors) < 3.0 and np.percentile(errors, 90) < 5.0, np.percentile(errors, [50, 90])
 
 
-def bend_by(mm, above=1.0):
-    """A bend (as random_bend's) of `mm` at the rows above the normalised row `above`, none below."""
-    return lambda rows: np.where(np.asarray(rows) < above, mm, 0.0)
-
-
-def test_a_stack_bent_by_one_slice_shows_the_next_slice_and_its_points(labelled_studies):
-    """A bend of one slice spacing at every row: the bent triplet at slice i is the triplet at i + 1, pixel for pixel,
-    and so are its targets; bent one spacing at the top half of the rows only, the top rows come from slice i + 1
-    and the bottom ones stay; bent past the stack's end, the rows are black and no point is present."""
-    checked = 0
-    for study in labelled_studies:
-        for volume in study.volumes["canal"]:
-            spacing, count = volume.stack.slice_spacing, len(volume.images)
-            size = volume.images.shape[1]
-            for index in range(1, count - 2):
-                whole = script.triplet(volume, index, bend_by(spacing))
-                assert np.array_equal(whole, script.triplet(volume, index + 1))
-                np.testing.assert_allclose(
-                    script.slice_targets(study, "canal", volume, index, bend_by(spacing)),
-                    script.slice_targets(study, "canal", volume, index + 1),
-                    atol=1e-6,
-                )
-                top = script.triplet(volume, index, bend_by(spacing, above=0.5))
-                assert np.array_equal(top[: size // 2], script.triplet(volume, index + 1)[: size // 2])
-                assert np.array_equal(top[size // 2 :], script.triplet(volume, index)[size // 2 :])
-                checked += 1
-            beyond = bend_by(2.0 * count * spacing)
-            assert not script.triplet(volume, 0, beyond).any()
-            assert not script.slice_targets(study, "canal", volume, count - 1, beyond)[:, script.PRESENCE].any()
-    assert checked > 20
-
-
-def test_a_random_bend_is_smooth_fixed_at_the_middle_row_within_its_most_and_repeats_from_its_seed():
-    rows = np.linspace(0, 1, 129)
-    bends = [script.random_bend(np.random.default_rng(seed), 30.0) for seed in range(50)]
-    curves = np.array([bend(rows) for bend in bends])
-    assert np.abs(curves).max() <= 30.0 and np.abs(curves).max() > 20.0
-    np.testing.assert_allclose(curves[:, 64], 0.0, atol=1e-9)
-    assert np.abs(np.diff(curves, axis=1)).max() < 30.0 * 2 * np.pi / 128  # No jumps between neighbouring rows.
-    np.testing.assert_array_equal(curves[7], script.random_bend(np.random.default_rng(7), 30.0)(rows))
-
-
 def test_a_point_is_present_on_its_labelled_slice_and_located_on_its_neighbours_too(labelled_studies):
     """slice_targets: a canal point is present on its labelled slice alone; its coordinates are taught there and on
     the slices either side (still within 1.5 spacings), not three slices away."""
