@@ -7,7 +7,7 @@ seed's head grades 2.5D crops cut there. Run it as `python script.py`, or paste 
 
 Evidence (2-core CPU, TF 2.21 / Keras 3.15, from random weights, so offline): the shipped sample scores 0.28-0.34
 against the best constant's 0.927 in 2.5-3 minutes; four synthetic competitions of 80 + 20 studies: points found to
-1.2-1.9 mm, the submission 0.254-0.335, within 0.042 of the same model at the true points (2026-12-05). README: more.
+1.2-1.9 mm, the submission 0.264-0.309, within 0.030 of the same model at the true points (2026-12-05). README: more.
 
     python script.py                                  # train on ./train.csv, predict ./test.csv
     python script.py --weights none --image-size 64 --epochs 8 --fine-tune-epochs 2 --batch-size 16
@@ -150,6 +150,9 @@ SEED = 42  # splits, shuffling, augmentation and initialisation
 WORKERS = os.cpu_count() or 1  # processes that decode DICOMs, threads that read and augment images
 STRATEGY = "auto"  # one of STRATEGIES: how training spreads over devices
 PRECISION = "auto"  # one of PRECISIONS
+# The severity model grades each crop and its mirror image and averages the two (it learns on mirrored crops too:
+# AUGMENTATION's horizontal_flip). Three phantom runs: what a point found 1-2 mm off costs fell (benchmarks/README.md).
+PREDICT_MIRRORED = True
 
 # The severity model: ResNet50 and the seed's head, on one crop per condition and level.
 IMAGE_SIZE = 224  # px, square
@@ -4236,7 +4239,8 @@ def predict_probabilities(model, image_paths, options, skip_bad_images=False):
         full_batches=True,  # A short last batch would trace the model's predict function a second time.
     )
     try:
-        probabilities = model.predict(batches, verbose=0)[: len(image_paths)].astype(np.float64)
+        grading = mirror_averaged(model) if options.predict_mirrored else model
+        probabilities = grading.predict(batches, verbose=0)[: len(image_paths)].astype(np.float64)
     except Exception:
         failure = decoding_failure([batches], "Restore the file and run again.")
         if failure:
@@ -4244,6 +4248,14 @@ def predict_probabilities(model, image_paths, options, skip_bad_images=False):
         raise
     predicted = ~np.isin(image_paths, list(batches.skipped))
     return floored(probabilities)[predicted], predicted
+
+
+def mirror_averaged(model):
+    """A model that grades an image as the mean of `model`'s probabilities for it and for its mirror image (left and
+    right swapped), sharing `model`'s weights (PREDICT_MIRRORED)."""
+    images = keras.Input(model.input_shape[1:])
+    probabilities = (model(images) + model(keras.ops.flip(images, axis=2))) / 2
+    return keras.Model(images, probabilities, name=f"{model.name}_mirror_averaged")
 
 
 def floored(probabilities):
@@ -4976,7 +4988,7 @@ def predict_competition(options, run_dir):
     study_ids = list(dict.fromkeys(descriptions["study_id"].str.strip()))
     localiser = find_localiser(options.localiser, options.model)
     constants = saved_constants(run_dir / "config.json")  # Up front: some rows have no crop in most test sets.
-    grader = Grader([load_saved_model(path) for path in options.model], options.batch_size)
+    grader = Grader([load_saved_model(path) for path in options.model], options.batch_size, options.predict_mirrored)
     images_dir = competition / "test_images"
     print(f"predicting {len(study_ids)} test studies in {competition}, {options.workers} at a time")
     with tempfile.TemporaryDirectory(prefix="crops-") as work_dir, decoding_pool(options.workers) as pool:
@@ -5049,11 +5061,17 @@ def study_predictions(images_dir, study_id, series_by_kind, localiser, grader, c
 @dataclass
 class Grader:
     """A run's severity models, all in memory, grading one study's crops at a time: the mean of their probabilities,
-    each floored as predict_probabilities floors them. `lock` keeps TensorFlow's calls one at a time."""
+    each floored as predict_probabilities floors them, and with `mirrored` each crop graded as predict_probabilities
+    grades it with --predict-mirrored. `lock` keeps TensorFlow's calls one at a time."""
 
     models: list
     batch_size: int
+    mirrored: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        if self.mirrored:
+            self.models = [mirror_averaged(model) for model in self.models]
 
     def probabilities(self, image_paths):
         if not image_paths:
@@ -5675,6 +5693,12 @@ def add_common_options(parser):
         type=positive_int,
         default=BATCH_SIZE,
         help="images per step on each device; the global batch is this × the replicas (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--predict-mirrored",
+        action=argparse.BooleanOptionalAction,
+        default=PREDICT_MIRRORED,
+        help="grade each crop and its mirror image and average the two (default: %(default)s)",
     )
     add_workers_option(parser)
 

@@ -9,7 +9,8 @@ against the naive design in the same run.
 Ours: every sagittal slice runs through the localiser once (presence picks the slice), and each level's axial slice
 is matched by geometry, so the axial series cost three slices per level (the matched one and its neighbours, in one
 call per series); timed alone (ours_localise_only) and with the crops and the severity model (ours: predict's own
-script.study_predictions, from the DICOM folder to 25 rows). Naive
+script.study_predictions, from the DICOM folder to 25 rows, each crop graded with its mirror image as predict does;
+ours_crops_alone: each crop graded alone, --no-predict-mirrored). Naive
 (naive_localise_only): the localiser runs on every slice of every series, axial ones included. Both use untrained
 models, which cost the same as trained ones. Target: ≤ 5 s per study on 2 cores. Writes
 benchmarks/localiser_results.json.
@@ -59,7 +60,7 @@ def naive_localise(localiser, study):
     return found
 
 
-def time_studies(localiser, grader, root, study_ids, image_size, design):
+def time_studies(localiser, graders, root, study_ids, image_size, design):
     """Seconds per study. ours: predict's own path, script.study_predictions, from the DICOM folder to 25 rows."""
     series = script.study_series(script.read_series_descriptions(root, "test"))
     images_dir, work_dir = root / "test_images", root / "crops"
@@ -67,7 +68,8 @@ def time_studies(localiser, grader, root, study_ids, image_size, design):
     seconds = []
     for study_id in study_ids:
         started = time.perf_counter()
-        if design == "ours":
+        if design in graders:
+            grader = graders[design]
             script.study_predictions(images_dir, study_id, series[study_id], localiser, grader, constants, work_dir)
         else:
             study = script.read_localiser_study(images_dir, study_id, series[study_id], image_size)
@@ -84,15 +86,19 @@ def main():
     root = competition.root
     size = script.LOCALISER_IMAGE_SIZE
     localiser = script.Localiser(script.build_localiser(size, None, from_scratch=True), level_offsets_mm=None)
-    grader = script.Grader([script.build_model(script.IMAGE_SIZE, None, from_scratch=True)], script.BATCH_SIZE)
+    model = script.build_model(script.IMAGE_SIZE, None, from_scratch=True)
+    graders = {
+        "ours": script.Grader([model], script.BATCH_SIZE, mirrored=script.PREDICT_MIRRORED),
+        "ours_crops_alone": script.Grader([model], script.BATCH_SIZE, mirrored=False),
+    }
     study_ids = [str(study_id) for study_id in competition.test_study_ids]
-    time_studies(localiser, grader, root, study_ids[:1], size, "ours")  # Warm-up: tracing, caches.
-    time_studies(localiser, grader, root, study_ids[:1], size, "naive_localise_only")
-    # ours: DICOM → 25 predictions; the other two stop after localising, so they compare like with like.
-    results = {"ours": [], "ours_localise_only": [], "naive_localise_only": []}
+    for design in [*graders, "naive_localise_only"]:  # Warm-up: tracing, caches.
+        time_studies(localiser, graders, root, study_ids[:1], size, design)
+    # ours: DICOM → 25 predictions; the localise_only two stop after localising, so they compare like with like.
+    results = {"ours": [], "ours_crops_alone": [], "ours_localise_only": [], "naive_localise_only": []}
     for _ in range(options.repeats):
         for design in results:
-            results[design] += time_studies(localiser, grader, root, study_ids, size, design)
+            results[design] += time_studies(localiser, graders, root, study_ids, size, design)
 
     # Training cost: one epoch on the study set (one slice per study and series kind), after a warm-up epoch.
     coordinates = script.read_coordinates(root / "train_label_coordinates.csv")

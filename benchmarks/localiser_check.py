@@ -4,6 +4,7 @@ localiser issue's hidden check, run as a user runs them, then scored against the
 
     python benchmarks/localiser_check.py --seed 23                 # 80 + 20 studies; about 30 minutes on 2 cores
     python benchmarks/localiser_check.py --seed 5 --work /tmp/c5   # keep the folders
+    python benchmarks/localiser_check.py --seed 5 --work /tmp/c5 --regrade   # its models, graded plain and mirrored
 
 The commands (each timed):
 
@@ -50,7 +51,12 @@ def parse_arguments():
     parser.add_argument("--test-studies", type=int, default=20)
     parser.add_argument("--work", type=Path, help="folder for the competition and the outputs (default: a new one)")
     parser.add_argument("--script", type=Path, default=REPOSITORY / "script.py", help="the script.py to check")
-    parser.add_argument("--reuse", action="store_true", help="keep the outputs in --work; add the moved-point scores")
+    parser.add_argument(
+        "--regrade",
+        action="store_true",
+        help="an earlier check's --work, its models kept: grade its found, true and moved points again, each crop "
+        "alone (--no-predict-mirrored) and with its mirror image (--predict-mirrored), side by side",
+    )
     return parser.parse_args()
 
 
@@ -122,31 +128,58 @@ def moved_points(root, distance_mm, seed):
     return truth
 
 
-def moved_point_costs(work, script_path, config_path, true_score, distances=(1.0, 2.0), draws=(1, 2)):
-    """{"1 mm": [cost of each draw], ...}: the score at the moved true points minus the score at the true ones."""
+def moved_point_costs(work, script_path, config_path, true_score, distances=(1.0, 2.0), draws=(1, 2), grading=()):
+    """{"1 mm": [cost of each draw], ...}: the score at the moved true points minus the score at the true ones. Their
+    crops are cut once and kept in `work`; `grading` options go to predict."""
     root, costs = work / "competition", {}
     for distance in distances:
         for draw in draws:
             moved_dir = work / f"moved_{distance:g}mm_{draw}"
-            moved = moved_dir / "coordinates.csv"
-            moved_dir.mkdir(parents=True, exist_ok=True)
-            moved_points(root, distance, draw).to_csv(moved, index=False)
-            prepare = ["prepare", "--competition-dir", root, "--out-dir", moved_dir / "prepared", "--split", "test"]
-            run(script_path, *prepare, "--coordinates", moved)
-            model = work / "out" / "model.keras"
-            run(
-                script_path,
-                "predict",
-                "--model",
-                model,
-                "--data-dir",
-                moved_dir / "prepared",
-                "--output-dir",
-                moved_dir,
-            )
-            score, _ = scores(root, moved_dir / "submission.csv", config_path)
+            if not (moved_dir / "prepared").is_dir():
+                moved = moved_dir / "coordinates.csv"
+                moved_dir.mkdir(parents=True, exist_ok=True)
+                moved_points(root, distance, draw).to_csv(moved, index=False)
+                prepare = ["prepare", "--competition-dir", root, "--out-dir", moved_dir / "prepared", "--split", "test"]
+                run(script_path, *prepare, "--coordinates", moved)
+            graded = moved_dir / "graded"
+            run(script_path, *predict_into(work, moved_dir / "prepared", graded, grading))
+            score, _ = scores(root, graded / "submission.csv", config_path)
             costs.setdefault(f"{distance:g} mm", []).append(score - true_score)
     return costs
+
+
+def predict_into(work, data_dir, output_dir, grading=()):
+    """Clears output_dir; returns the arguments of script.py's predict with the check's severity model into it."""
+    subprocess.run(["rm", "-rf", str(output_dir)], check=True)
+    return [
+        "predict",
+        "--model",
+        work / "out" / "model.keras",
+        "--data-dir",
+        data_dir,
+        "--output-dir",
+        output_dir,
+        *grading,
+    ]
+
+
+def regrade(work, script_path):
+    """An earlier check's models, its found points (from the DICOMs, as the check predicts), true points and moved
+    true points graded again, each crop alone and with its mirror image: {grading: scores and costs}."""
+    root, config, results = work / "competition", work / "out" / "config.json", {}
+    for name, grading in (("alone", ["--no-predict-mirrored"]), ("mirrored", ["--predict-mirrored"])):
+        found, true = work / f"regraded_{name}" / "found", work / f"regraded_{name}" / "true"
+        run(script_path, *predict_into(work, root, found, grading))
+        run(script_path, *predict_into(work, work / "true_prepared", true, grading))
+        found_score, _ = scores(root, found / "submission.csv", config)
+        true_score, _ = scores(root, true / "submission.csv", config)
+        results[name] = {
+            "score_at_found_points": found_score,
+            "score_at_true_points": true_score,
+            "cost_of_localisation": found_score - true_score,
+            "cost_of_moved_true_points": moved_point_costs(work, script_path, config, true_score, grading=grading),
+        }
+    return results
 
 
 def main():
@@ -160,11 +193,10 @@ def main():
             + ["--test-studies", str(options.test_studies)]
         )
     out, points, out2 = work / "out", work / "pts.csv", work / "out2"
-    if options.reuse:
-        true_score, _ = scores(root, work / "true_out" / "submission.csv", out / "config.json")
-        found_score, _ = scores(root, out2 / "submission.csv", out / "config.json")
-        moved = moved_point_costs(work, options.script, out / "config.json", true_score)
-        print(json.dumps({"cost_of_localisation": found_score - true_score, "cost_of_moved_true_points": moved}))
+    if options.regrade:
+        result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+        result |= regrade(work, options.script)
+        record(f"{options.seed}, regraded", result)
         return
     seconds = {
         "train": run(options.script, "--data-dir", root, "--output-dir", out, *TRAIN),
@@ -208,9 +240,7 @@ def main():
     studies = script.study_ids(submission["row_id"]).value_counts()
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "commit": subprocess.run(
-            ["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
         "seed": options.seed,
         "studies": {"train": options.train_studies, "test": options.test_studies},
         "seconds": seconds,
@@ -223,8 +253,19 @@ def main():
         "cost_of_localisation": found_score - true_score,
         "cost_of_moved_true_points": moved_point_costs(work, options.script, out / "config.json", true_score),
     }
+    record(str(options.seed), result)
+
+
+def commit():
+    return subprocess.run(
+        ["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def record(key, result):
+    """Print a result and keep it in RESULTS under `key`."""
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    previous[str(options.seed)] = result
+    previous[key] = result
     RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -1,6 +1,9 @@
 """The two training phases train exactly the intended layers, and BatchNormalization never learns (its statistics
-recalibrated in one pass, traced once per model); predictions are never exactly 0 and every batch the network
-sees is full; the localiser's heatmap decoding and its presence read under the heatmap."""
+recalibrated in one pass, traced once per model); predictions are never exactly 0, are a crop's and its mirror
+image's mean, and every batch the network sees is full; the localiser's heatmap decoding and its presence read under
+the heatmap."""
+
+import types
 
 import keras
 import numpy as np
@@ -164,12 +167,33 @@ def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path):
     root = seed_layout(tmp_path / "data")
     images = script.load_test_table(root)["image_path"].tolist() * 3  # 6 images in batches of 4: 4 and 2.
     model = CertainModel()
-    options = type("Options", (), {"batch_size": 4, "workers": 1})()
+    options = type("Options", (), {"batch_size": 4, "workers": 1, "predict_mirrored": False})()
     probabilities, predicted = script.predict_probabilities(model, images, options)
     assert model.batch_sizes == [4, 4]
     assert probabilities.shape == (6, 3) and predicted.all()
     assert probabilities.min() >= script.PREDICTION_FLOOR * 0.999
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+
+
+def test_a_crop_is_graded_as_the_mean_of_it_and_its_mirror_image(tmp_path):
+    """--predict-mirrored: each crop's probabilities are the mean of the model's for it and for it mirrored (left
+    and right swapped); --no-predict-mirrored: the model's own. The model here is not mirror-symmetric, so they
+    differ."""
+    images = script.load_test_table(seed_layout(tmp_path / "data"))["image_path"].tolist()
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs)))
+    model.layers[-1].set_weights([np.random.default_rng(0).normal(size=(192, 3)) / 100, np.zeros(3)])
+    graded = {
+        mirrored: script.predict_probabilities(
+            model, images, types.SimpleNamespace(batch_size=4, workers=1, predict_mirrored=mirrored)
+        )[0]
+        for mirrored in (True, False)
+    }
+    pixels = keras.applications.resnet50.preprocess_input(np.stack([script.read_image(path, 8) for path in images]))
+    expected = (model.predict(pixels, verbose=0) + model.predict(pixels[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(graded[True], script.floored(expected), atol=1e-5)
+    np.testing.assert_allclose(graded[False], script.floored(model.predict(pixels, verbose=0)), atol=1e-5)
+    assert np.abs(graded[True] - graded[False]).max() > 1e-3
 
 
 class RecordingModel:

@@ -160,7 +160,7 @@ def test_predict_mixes_the_crops_a_row_lists_by_their_weights(tiny_dataset, tiny
     )
     mixed = pd.read_csv(tmp_path / "a" / "submission.csv", dtype={"row_id": str}).set_index("row_id")
     assert mixed.index.tolist() == [first, second, third]
-    options = types.SimpleNamespace(batch_size=8, workers=1)
+    options = types.SimpleNamespace(batch_size=8, workers=1, predict_mirrored=script.PREDICT_MIRRORED)
     alone = script.predict_probabilities(script.load_saved_model(tiny_run / "model.keras"), paths[:2], options)[0]
     np.testing.assert_allclose(mixed.loc[first], 0.75 * alone[0] + 0.25 * alone[1], atol=1e-3)
     saved = json.loads((tiny_run / "config.json").read_text())["best_constants"]
