@@ -7,7 +7,7 @@ seed's head grades 2.5D crops cut there. Run it as `python script.py`, or paste 
 
 Evidence (2-core CPU, TF 2.21 / Keras 3.15, from random weights, so offline): the shipped sample scores 0.28-0.34
 against the best constant's 0.927 in 2.5-3 minutes; four synthetic competitions of 80 + 20 studies: points found to
-1.2-1.9 mm, the submission 0.264-0.309, within 0.030 of the same model at the true points (2026-12-05). README: more.
+1.2-1.9 mm, the submission 0.264-0.357, within 0.034 of the same model at the true points (2026-12-05). README: more.
 
     python script.py                                  # train on ./train.csv, predict ./test.csv
     python script.py --weights none --image-size 64 --epochs 8 --fine-tune-epochs 2 --batch-size 16
@@ -151,7 +151,7 @@ WORKERS = os.cpu_count() or 1  # processes that decode DICOMs, threads that read
 STRATEGY = "auto"  # one of STRATEGIES: how training spreads over devices
 PRECISION = "auto"  # one of PRECISIONS
 # The severity model grades each crop and its mirror image and averages the two (it learns on mirrored crops too:
-# AUGMENTATION's horizontal_flip). Three phantom runs: what a point found 1-2 mm off costs fell (benchmarks/README.md).
+# AUGMENTATION's horizontal_flip). Four phantom runs: what a point 1-2 mm off costs fell (benchmarks/README.md).
 PREDICT_MIRRORED = True
 
 # The severity model: ResNet50 and the seed's head, on one crop per condition and level.
