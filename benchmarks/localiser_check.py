@@ -22,6 +22,7 @@ study, and a cost ≤ 0.05. Writes benchmarks/localiser_check_results.json (one 
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,7 +151,7 @@ def moved_point_costs(work, script_path, config_path, true_score, distances=(1.0
 
 def predict_into(work, data_dir, output_dir, grading=()):
     """Clears output_dir; returns the arguments of script.py's predict with the check's severity model into it."""
-    subprocess.run(["rm", "-rf", str(output_dir)], check=True)
+    shutil.rmtree(output_dir, ignore_errors=True)
     return [
         "predict",
         "--model",
@@ -212,9 +213,7 @@ def main():
             "--out",
             points,
         ),
-        "predict": run(
-            options.script, "predict", "--model", out / "model.keras", "--data-dir", root, "--output-dir", out2
-        ),
+        "predict": run(options.script, *predict_into(work, root, out2)),
     }
     true_prepared, true_out = work / "true_prepared", work / "true_out"
     truth = root / "_truth" / "test_label_coordinates.csv"
@@ -230,9 +229,7 @@ def main():
         "--coordinates",
         truth,
     )
-    run(
-        options.script, "predict", "--model", out / "model.keras", "--data-dir", true_prepared, "--output-dir", true_out
-    )
+    run(options.script, *predict_into(work, true_prepared, true_out))
 
     submission = pd.read_csv(out2 / "submission.csv", dtype={"row_id": str})
     found_score, constant_score = scores(root, out2 / "submission.csv", out / "config.json")
