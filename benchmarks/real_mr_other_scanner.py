@@ -12,7 +12,7 @@ trains it), then localises `../shared/real/sagittal_mri_png`: 20 real T2-weighte
 from another scanner (256 × 256 px, 8-bit, no labels and no geometry; MIT licence, Sulaiman Vesal; several are off
 the midline, through the foramina). Each image becomes a test study with one Sagittal T2/STIR series of one slice:
 PixelSpacing FOV / 256 with the field of view assumed (--fov-mm, default 300 mm: a lumbar sagittal protocol's usual
-field, and about 30 px between neighbouring discs ≈ 35 mm), the same orientation as the training volumes (rows
+field; the discs of the midline slices lie 24-28 px apart), the same orientation as the training volumes (rows
 anterior → posterior, columns head → foot). Then, as a user would:
 
     python SCRIPT localise --model MODEL --competition-dir DIR/competition --split test --out DIR/points.csv
@@ -21,7 +21,9 @@ There are no true points, so the script draws the five found canal levels on eac
 the images, so it stays out of the repository) and a person writes down which disc each level landed on, as a CSV of
 image, level, landed (a level name "T12/L1" to "L5/S1", "S1" for the sacrum, "none" off the discs, "?" where
 the image does not show). With --judged, it prints and records the tally: levels on their own disc, images with all
-five right, with two levels on one disc, with the chain counted one level off. Needs the PNGs (PNG_DIR, else
+five right, with two levels on one disc, with the chain counted one level off; and always the found chain's step in
+pixels, to set beside the discs'. --field-mm F first cuts each image's centre to F mm (224: the training volumes'
+field, so that the localiser sees their scale). Needs the PNGs (PNG_DIR, else
 <repository>/../shared/real/sagittal_mri_png); the judgement is a person's reading, not a measurement against labels.
 """
 
