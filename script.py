@@ -6,8 +6,8 @@ level localiser finds each study's 25 condition-levels in its DICOM series, and 
 seed's head grades 2.5D crops cut there. Run it as `python script.py`, or paste it into a notebook cell.
 
 Evidence (2-core CPU, TF 2.21 / Keras 3.15, from random weights, so offline): the shipped sample scores 0.28-0.34
-against the best constant's 0.927 in 2.5-3 minutes; four synthetic competitions of 80 + 20 studies: points found to
-1.2-1.9 mm, the submission 0.264-0.357, within 0.034 of the same model at the true points (2026-12-05). README: more.
+against the best constant's 0.927 in 2.5-3 minutes; five synthetic competitions of 80 + 20 studies: points found to
+1.0-1.9 mm, the submission 0.264-0.357, within 0.034 of the same model at the true points (2026-12-05). README: more.
 
     python script.py                                  # train on ./train.csv, predict ./test.csv
     python script.py --weights none --image-size 64 --epochs 8 --fine-tune-epochs 2 --batch-size 16
