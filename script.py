@@ -5180,11 +5180,18 @@ def is_competition_layout(data_dir):
 
 
 def refuse_missing_test_listing(competition_dir, command, no_test=False):
-    """Refuse, before anything is prepared, a competition folder without the test studies a run must predict."""
+    """Refuse, before anything is prepared or trained, a competition folder without the test studies a run must
+    predict: no test_series_descriptions.csv, or one that cannot be read or has no rows."""
+    if no_test:
+        return
     listing = competition_dir / "test_series_descriptions.csv"
-    if not no_test and not listing.is_file():
-        without_test = " To train without a test set, add --no-test." if command == "train" else ""
+    without_test = " To train without a test set, add --no-test." if command == "train" else ""
+    if not listing.is_file():
         raise InputError(f"{listing}: file not found; it lists the test studies to predict.{without_test}")
+    try:
+        read_csv(listing)
+    except InputError as error:
+        raise InputError(f"{error}{without_test}") from None
 
 
 def prepare_split(competition_dir, prepared, split, coordinates, workers, cache=None):

@@ -3,7 +3,7 @@ The level localiser on real T2 sagittal slices from another scanner (issue 25, p
 
     python tests/real_mr_competition.py --out COMP --train 0-29 --test ""
     python script.py --data-dir COMP --output-dir OUT --weights none --image-size 64 --epochs 1 --fine-tune-epochs 0 \
-        --localiser-epochs 30
+        --localiser-epochs 30 --no-test
     python benchmarks/real_mr_other_scanner.py --model OUT/localiser.keras --work-dir DIR
     python benchmarks/real_mr_other_scanner.py --model OUT/localiser.keras --work-dir DIR --judged JUDGED.csv
 
