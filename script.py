@@ -4707,7 +4707,7 @@ def train(options):
     settings = severity_settings(options)  # Checked first: a bad config block is refused before any work.
     localiser_run = localiser_settings(options) if competition and options.localiser_epochs > 0 else None
     if competition:
-        refuse_missing_test_listing(competition, "train", options.no_test)
+        read_test_listing(competition, "train", options.no_test)  # Refused now, not after the localiser has trained.
         labelled = read_split_rows(competition, "train", None)[0]["row_id"]
         print_time_estimate(settings, localiser_run, labelled, options, competition)
         options.data_dir = prepare_training_split(competition, options, localiser_run)
@@ -4982,8 +4982,7 @@ def predict_competition(options, run_dir):
     studies at a time, so memory holds a few studies whatever their number; (row_ids, probabilities) in
     test_series_descriptions.csv's order of studies, and the points found (localised_rows, mixed)."""
     competition = options.data_dir
-    refuse_missing_test_listing(competition, "predict")
-    descriptions = read_series_descriptions(competition, "test")
+    descriptions = read_test_listing(competition, "predict")
     series = study_series(descriptions)
     study_ids = list(dict.fromkeys(descriptions["study_id"].str.strip()))
     localiser = find_localiser(options.localiser, options.model)
@@ -5179,17 +5178,17 @@ def is_competition_layout(data_dir):
     ).is_file()
 
 
-def refuse_missing_test_listing(competition_dir, command, no_test=False):
-    """Refuse, before anything is prepared or trained, a competition folder without the test studies a run must
-    predict: no test_series_descriptions.csv, or one that cannot be read or has no rows."""
+def read_test_listing(competition_dir, command, no_test=False):
+    """The test studies a run must predict (read_series_descriptions), read before anything is prepared or trained,
+    so that a missing, unreadable or empty test_series_descriptions.csv is refused at once; None with --no-test."""
     if no_test:
-        return
+        return None
     listing = competition_dir / "test_series_descriptions.csv"
     without_test = " To train without a test set, add --no-test." if command == "train" else ""
     if not listing.is_file():
         raise InputError(f"{listing}: file not found; it lists the test studies to predict.{without_test}")
     try:
-        read_csv(listing)
+        return read_series_descriptions(competition_dir, "test")
     except InputError as error:
         raise InputError(f"{error}{without_test}") from None
 
