@@ -92,7 +92,7 @@ def write_test_split(root, images, fov_mm):
         position_texts, position = decimal_strings([0.0, -fov_mm / 2, fov_mm / 2], 4)
         series = R.SubjectSeries(plan, [], float(spacing[0]), spacing_texts, orientation_texts)
         slice_ = R.Slice(1, 0.0, position, position_texts)
-        stored = (pixels.astype(np.uint16) * 16).astype(np.uint16)  # 12 bits, as a scanner stores them
+        stored = pixels.astype(np.uint16) * 16  # 12 bits, as a scanner stores them
         R.write_slice(root / "test_images" / str(study_id) / str(series_id) / "1.dcm", series, slice_, stored)
         rows.append({"study_id": study_id, "series_id": series_id, "series_description": SAGITTAL_T2})
     pd.DataFrame(rows).to_csv(root / "test_series_descriptions.csv", index=False)
@@ -130,12 +130,14 @@ def draw_overlays(images, points, path):
     cv2.imwrite(str(path), np.vstack([np.hstack(tiles[start : start + 5]) for start in range(0, len(tiles), 5)]))
 
 
-def chain_steps(points):
-    """{image: mean distance in pixels between neighbouring found canal levels}."""
+def chain_steps(images, points):
+    """{image: mean distance in pixels between its neighbouring found canal levels}, for the images with points."""
     steps = {}
-    for study_id, group in points.groupby("study_id"):
-        xy = group.set_index("level").reindex(LEVEL_NAMES)[["x", "y"]].to_numpy(float)
-        steps[(int(study_id) - study_id_of(0)) // 41] = float(np.nanmean(np.linalg.norm(np.diff(xy, axis=0), axis=1)))
+    for image in images:
+        found = points[points["study_id"] == study_id_of(image)]
+        if len(found):
+            xy = found.set_index("level").reindex(LEVEL_NAMES)[["x", "y"]].to_numpy(float)
+            steps[image] = float(np.nanmean(np.linalg.norm(np.diff(xy, axis=0), axis=1)))
     return steps
 
 
@@ -204,7 +206,7 @@ def main(argv=None):
     points = points[points["condition"].str.lower() == "spinal canal stenosis"]
     draw_overlays(images, points, work / "overlays.png")
     print(f"overlays: {work / 'overlays.png'} (judge each level's disc by eye; --judged CSV to tally)")
-    steps = chain_steps(points)
+    steps = chain_steps(images, points)
     print(f"found chain step: median {np.median(list(steps.values())):.1f} px of the written image")
     if arguments.judged is None:
         return 0
