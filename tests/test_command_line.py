@@ -3,6 +3,8 @@ exit 2, --help documents every option, every command line the README shows parse
 kernel's own arguments are ignored instead of refused."""
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,21 @@ def test_notebook_ignores_the_kernel_arguments_and_keeps_its_own(monkeypatch, ca
     command, options = script.parse_arguments([*KERNEL_ARGUMENTS, "--epochs", "2"])
     assert command == "train" and options.epochs == 2
     assert " ".join(KERNEL_ARGUMENTS) in capsys.readouterr().out
+
+
+def test_a_script_run_freezes_what_its_imports_made_and_keeps_collecting():
+    """Run as a script, the objects NumPy, pandas and TensorFlow make as they import are frozen out of the garbage
+    collector's reach (collector_paused), and the collector is on again for the run's own."""
+    program = (
+        "import gc, runpy, sys\n"
+        f"sys.argv = [{str(script.__file__)!r}, 'score', '--help']\n"
+        "before = gc.get_freeze_count()\n"
+        f"names = runpy.run_path({str(script.__file__)!r})\n"
+        "names['import_tensorflow']()\n"
+        "print(before, gc.get_freeze_count() > 100_000, gc.isenabled())\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert completed.stdout.split() == ["0", "True", "True"], completed.stderr[-2000:]
 
 
 def test_terminal_refuses_unknown_options(capsys):

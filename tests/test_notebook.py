@@ -5,6 +5,7 @@ The notebook is executed once per module; each test inspects the cells and files
     kernel              remembers the kernel's own command-line arguments (`-f kernel-….json`, ...)
     set_argv            sets sys.argv to a tiny training run, as the script's config section suggests
     script              script.py's text, read at test time; its `__main__` block trains with that sys.argv
+    collector           the garbage collector's state after the script ran (nothing frozen in a kernel)
     call_main           calls main() with an explicit argument list: predict with the model just trained
     jupyter_arguments   parses the kernel's own arguments with the script's parser
     vs_code_arguments   parses the arguments VS Code starts its kernels with
@@ -57,6 +58,7 @@ def notebook_cells(data_dir, train_output_dir, predict_output_dir):
         "kernel": "import sys\nkernel_arguments = sys.argv[1:]\nprint(sys.executable)",
         "set_argv": f"sys.argv = {['script.py', *train_arguments]!r}",
         "script": (REPOSITORY / "script.py").read_text(encoding="utf-8"),
+        "collector": "import gc\n(gc.isenabled(), gc.get_freeze_count())",
         "call_main": f"main({predict_arguments!r})",
         "jupyter_arguments": f"vars(parse_arguments(kernel_arguments)[1]) == {defaults}",
         "vs_code_arguments": f"vars(parse_arguments({VS_CODE_KERNEL_ARGUMENTS!r})[1]) == {defaults}",
@@ -121,6 +123,12 @@ def test_script_cell_trains_with_sys_argv_set_in_an_earlier_cell(notebook):
     chosen = (options["image_size"], options["epochs"], options["fine_tune_epochs"], options["weights"])
     assert chosen == (32, 1, 0, QUICK_RUN[QUICK_RUN.index("--weights") + 1])
     assert_valid_submission(notebook, "script")
+
+
+def test_nothing_the_kernel_holds_is_frozen_from_the_garbage_collector(notebook):
+    """Run as a script, collector_paused freezes what the imports made; in a kernel, which lives on and may free it,
+    the collector is back on and nothing is frozen, though the script imported TensorFlow."""
+    assert cell_text(notebook, "collector").strip() == "(True, 0)"
 
 
 def test_main_called_from_a_cell_with_an_explicit_list(notebook):
