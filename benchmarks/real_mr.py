@@ -4,6 +4,7 @@ The level localiser on real MR (issue 25), cross-validated over the 30 real lumb
     python benchmarks/real_mr.py                                     # 5 folds, ~5 minutes each on 2 cores
     python benchmarks/real_mr.py --script /tmp/baseline/script.py    # measure another copy of script.py
     python benchmarks/real_mr.py --other-contrast inverted           # also the test studies in a simulated contrast
+    python benchmarks/real_mr.py --work-dir W --keep --resume --test-seeds 1,2,3,7   # kept folds, other builds
     python benchmarks/real_mr.py --folds 5 --only-folds 1 -- --localiser-epochs 10   # extra training options after --
 
 Each fold builds a competition folder with tests/real_mr_competition.py (train: the other subjects; test: the fold's,
@@ -21,7 +22,10 @@ another level's), two levels on one disc (two found levels sharing their nearest
 level off (two or more consecutive levels whose nearest true disc is each the next, or each the previous, level's),
 and levels on no labelled disc (nearest their own disc, but further from it than half the way to its nearest
 neighbour: on T12/L1, the sacrum, or nowhere near the spine). Writes benchmarks/real_mr_results.json and prints a
-markdown table. Needs the data (SPINE_MR_DIR, else <repository>/../shared/real/spine_mr); runs one training at a time.
+markdown table. With --test-seeds, each fold's localiser also localises its test subjects built again with each of
+those builder seeds (other slice spacings, phases, pixel sizes and origins: builds its decoding was not tuned on),
+pooled per seed and over them all. Needs the data (SPINE_MR_DIR, else <repository>/../shared/real/spine_mr); runs
+one training at a time.
 """
 
 import argparse
@@ -70,6 +74,11 @@ def parse_arguments(argv=None):
         const="inverted",
         choices=[name for name in R.CONTRASTS if name != "water"],
         help="also localise the test studies rendered in a simulated other contrast (default: inverted)",
+    )
+    parser.add_argument(
+        "--test-seeds",
+        default="",
+        help="also localise each fold's test subjects built with these builder seeds (e.g. 1,2,3,7)",
     )
     parser.add_argument("--work-dir", type=Path, default=None, help="where folds are built and run (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep each fold's competition and outputs")
@@ -210,11 +219,13 @@ def markdown(results):
         "| a level on no labelled disc |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("water", "other_contrast"):
-        figures = results.get(name)
-        if not figures:
-            continue
-        label = "water (as trained)" if name == "water" else f"{results['other_contrast_name']} (simulated proxy)"
+    rows = [("water (as trained)", results.get("water"))]
+    if results.get("other_contrast"):
+        rows.append((f"{results['other_contrast_name']} (simulated proxy)", results["other_contrast"]))
+    for seed, figures in results.get("other_builds", {}).items():
+        label = "other builds, pooled" if seed == "pooled" else f"water, built with seed {seed}"
+        rows.append((label, figures))
+    for label, figures in rows:
         lines.append(
             f"| {label} | {figures['studies']} | {figures['median_mm']:.1f} mm | {figures['p90_mm']:.1f} mm "
             f"| {figures['within_5mm']:.0%} | {figures['within_10mm']:.0%} | {figures['slice_within_one']:.0%} "
@@ -250,7 +261,11 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
     record_path = fold_dir / "fold.json"
     if arguments.resume and record_path.is_file():
         print(f"fold {fold}: reusing {record_path}", flush=True)
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        if test_seeds(arguments) - set(record.get("other_builds", {})):
+            add_other_builds(arguments, data, fold_dir, record)
+            record_path.write_text(json.dumps(record, indent=2))
+        return record
     shutil.rmtree(fold_dir, ignore_errors=True)
     fold_dir.mkdir(parents=True)
     train = [subject for subject in subjects if subject not in test]
@@ -295,6 +310,7 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
         R.write_real_mr_competition(other, [], test, seed=arguments.seed, contrast=arguments.other_contrast, data=data)
         _, seconds["localise_other"] = localise(other, output / "points_other.csv", "localise_other.log")
         record["other_points"], record["other_studies"] = measure(output / "points_other.csv", other)
+    add_other_builds(arguments, data, fold_dir, record)
     record["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
     record["seconds"]["fold"] = round(time.perf_counter() - started, 1)
     record_path.write_text(json.dumps(record, indent=2))
@@ -309,6 +325,46 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
         flush=True,
     )
     return record
+
+
+def test_seeds(arguments):
+    """The --test-seeds, as strings (the keys of a record's other_builds)."""
+    return {str(seed) for seed in R.parse_subjects(arguments.test_seeds)}
+
+
+def add_other_builds(arguments, data, fold_dir, record):
+    """Localise the fold's test subjects built with each --test-seeds seed not yet in the record, with the fold's
+    kept localiser; records {seed: {"points", "studies"}} in record["other_builds"]."""
+    model = fold_dir / "output" / "localiser.keras"
+    wanted = sorted(test_seeds(arguments) - set(record.get("other_builds", {})), key=int)
+    if wanted and not model.is_file():
+        raise SystemExit(f"{model}: not found; --test-seeds needs each fold's localiser (train with --keep)")
+    for seed in wanted:
+        competition = fold_dir / f"competition_seed{seed}"
+        shutil.rmtree(competition, ignore_errors=True)
+        R.write_real_mr_competition(competition, [], record["test_subjects"], seed=int(seed), data=data)
+        points = competition / "points.csv"
+        command = [sys.executable, str(arguments.script), "localise", "--model", str(model), "--competition-dir"]
+        command += [str(competition), "--split", "test", "--out", str(points), *shlex.split(arguments.localise_options)]
+        run(command, fold_dir / f"localise_seed{seed}.log")
+        point_rows, study_rows = measure(points, competition)
+        record.setdefault("other_builds", {})[seed] = {"points": point_rows, "studies": study_rows}
+        if not arguments.keep:
+            shutil.rmtree(competition)
+
+
+def other_builds_summary(records, seeds):
+    """{seed: summary, ..., "pooled": summary} over the folds' other builds."""
+    figures, pooled_points, pooled_studies = {}, [], []
+    for seed in sorted(seeds, key=int):
+        builds = [(record["fold"], record["other_builds"][seed]) for record in records]
+        points = [row | {"fold": fold} for fold, build in builds for row in build["points"]]
+        studies = [row | {"fold": fold} for fold, build in builds for row in build["studies"]]
+        figures[seed] = summary(points, studies)
+        pooled_points += points
+        pooled_studies += studies
+    figures["pooled"] = summary(pooled_points, pooled_studies)
+    return figures
 
 
 def git(*arguments):
@@ -378,6 +434,8 @@ def main(argv=None):
         results["other_contrast_name"] = arguments.other_contrast
         results["other_contrast"] = summary(other_points, other_studies) if other_points else None
         results["other_contrast_studies"] = other_studies
+    if test_seeds(arguments):
+        results["other_builds"] = other_builds_summary(records, test_seeds(arguments))
     results["markdown"] = markdown(results)
     arguments.results.parent.mkdir(parents=True, exist_ok=True)
     arguments.results.write_text(json.dumps(results, indent=2) + "\n")
