@@ -262,7 +262,7 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
     if arguments.resume and record_path.is_file():
         print(f"fold {fold}: reusing {record_path}", flush=True)
         record = json.loads(record_path.read_text())
-        if test_seeds(arguments) - set(record.get("other_builds", {})):
+        if other_build_seeds(arguments) - set(record.get("other_builds", {})):
             add_other_builds(arguments, data, fold_dir, record)
             record_path.write_text(json.dumps(record, indent=2))
         return record
@@ -291,17 +291,16 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
     model = output / "localiser.keras"
 
     def localise(competition_dir, points_path, log_name):
-        command = [python, script, "localise", "--model", str(model), "--competition-dir", str(competition_dir)]
-        command += ["--split", "test", "--out", str(points_path), *shlex.split(arguments.localise_options)]
+        command = localise_command(arguments, model, competition_dir, points_path)
         return command, run(command, fold_dir / log_name)
 
-    localise_command, seconds["localise"] = localise(competition, output / "points.csv", "localise.log")
+    localised, seconds["localise"] = localise(competition, output / "points.csv", "localise.log")
     point_rows, study_rows = measure(output / "points.csv", competition)
     record = {
         "fold": fold,
         "train_subjects": train,
         "test_subjects": test,
-        "commands": [shlex.join(train_command), shlex.join(localise_command)],
+        "commands": [shlex.join(train_command), shlex.join(localised)],
         "points": point_rows,
         "studies": study_rows,
     }
@@ -327,7 +326,14 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
     return record
 
 
-def test_seeds(arguments):
+def localise_command(arguments, model, competition_dir, points_path):
+    """The project's localise command for a competition's test split, as a user runs it."""
+    command = [sys.executable, str(arguments.script), "localise", "--model", str(model)]
+    command += ["--competition-dir", str(competition_dir), "--split", "test", "--out", str(points_path)]
+    return command + shlex.split(arguments.localise_options)
+
+
+def other_build_seeds(arguments):
     """The --test-seeds, as strings (the keys of a record's other_builds)."""
     return {str(seed) for seed in R.parse_subjects(arguments.test_seeds)}
 
@@ -336,7 +342,7 @@ def add_other_builds(arguments, data, fold_dir, record):
     """Localise the fold's test subjects built with each --test-seeds seed not yet in the record, with the fold's
     kept localiser; records {seed: {"points", "studies"}} in record["other_builds"]."""
     model = fold_dir / "output" / "localiser.keras"
-    wanted = sorted(test_seeds(arguments) - set(record.get("other_builds", {})), key=int)
+    wanted = sorted(other_build_seeds(arguments) - set(record.get("other_builds", {})), key=int)
     if wanted and not model.is_file():
         raise SystemExit(f"{model}: not found; --test-seeds needs each fold's localiser (train with --keep)")
     for seed in wanted:
@@ -344,9 +350,7 @@ def add_other_builds(arguments, data, fold_dir, record):
         shutil.rmtree(competition, ignore_errors=True)
         R.write_real_mr_competition(competition, [], record["test_subjects"], seed=int(seed), data=data)
         points = competition / "points.csv"
-        command = [sys.executable, str(arguments.script), "localise", "--model", str(model), "--competition-dir"]
-        command += [str(competition), "--split", "test", "--out", str(points), *shlex.split(arguments.localise_options)]
-        run(command, fold_dir / f"localise_seed{seed}.log")
+        run(localise_command(arguments, model, competition, points), fold_dir / f"localise_seed{seed}.log")
         point_rows, study_rows = measure(points, competition)
         record.setdefault("other_builds", {})[seed] = {"points": point_rows, "studies": study_rows}
         if not arguments.keep:
@@ -434,8 +438,8 @@ def main(argv=None):
         results["other_contrast_name"] = arguments.other_contrast
         results["other_contrast"] = summary(other_points, other_studies) if other_points else None
         results["other_contrast_studies"] = other_studies
-    if test_seeds(arguments):
-        results["other_builds"] = other_builds_summary(records, test_seeds(arguments))
+    if other_build_seeds(arguments):
+        results["other_builds"] = other_builds_summary(records, other_build_seeds(arguments))
     results["markdown"] = markdown(results)
     arguments.results.parent.mkdir(parents=True, exist_ok=True)
     arguments.results.write_text(json.dumps(results, indent=2) + "\n")
