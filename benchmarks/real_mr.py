@@ -262,8 +262,7 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
     if arguments.resume and record_path.is_file():
         print(f"fold {fold}: reusing {record_path}", flush=True)
         record = json.loads(record_path.read_text())
-        if other_build_seeds(arguments) - set(record.get("other_builds", {})):
-            add_other_builds(arguments, data, fold_dir, record)
+        if add_other_builds(arguments, data, fold_dir, record):
             record_path.write_text(json.dumps(record, indent=2))
         return record
     shutil.rmtree(fold_dir, ignore_errors=True)
@@ -340,7 +339,7 @@ def other_build_seeds(arguments):
 
 def add_other_builds(arguments, data, fold_dir, record):
     """Localise the fold's test subjects built with each --test-seeds seed not yet in the record, with the fold's
-    kept localiser; records {seed: {"points", "studies"}} in record["other_builds"]."""
+    kept localiser; records {seed: {"points", "studies"}} in record["other_builds"] and returns the seeds added."""
     model = fold_dir / "output" / "localiser.keras"
     wanted = sorted(other_build_seeds(arguments) - set(record.get("other_builds", {})), key=int)
     if wanted and not model.is_file():
@@ -355,6 +354,7 @@ def add_other_builds(arguments, data, fold_dir, record):
         record.setdefault("other_builds", {})[seed] = {"points": point_rows, "studies": study_rows}
         if not arguments.keep:
             shutil.rmtree(competition)
+    return wanted
 
 
 def other_builds_summary(records, seeds):
