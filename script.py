@@ -260,6 +260,16 @@ CHAIN_MIN_SD_MM = 3.0  # mm: the least standard deviation recorded for a step, p
 # the labels' own scatter of it: the slices the presence picks scatter too. Real MR, two sets of five fold localisers:
 # slice within one 88 / 88 % at 1, 90 / 90 % at 2, 91 / 91 % at 2.5 and 3 (benchmarks/REAL_MR.md).
 CHAIN_SLICE_SD_FACTOR = 2.5
+# Then each canal level moves to the slice nearest the spine's plane of left-right symmetry at that level, where the
+# anatomy says so clearly (symmetric_slices): the patch this far each way around the level's point, compared between
+# slices at equal distances either side of a centre out to SYMMETRY_REACH_MM (a vertebral body is ~40 mm wide), among
+# slices where the level is present at least SYMMETRY_PRESENCE_FLOOR of its peak; it moves only if the mean correlation
+# there beats that about the presence's own pick by SYMMETRY_MARGIN. Real MR, builds not tuned on: slice within one
+# 86.5 -> 90.5 % (benchmarks/REAL_MR.md).
+SYMMETRY_HALF_WIDTH_MM = 15.0
+SYMMETRY_REACH_MM = 16.0
+SYMMETRY_PRESENCE_FLOOR = 0.1
+SYMMETRY_MARGIN = 0.05
 # Where the chain moves a level off its own heatmap's peak, neither is sure: the level's crops then carry
 # min(1, p(place) / p(peak) / CHAIN_TRUST_RATIO) of its prediction, and its best constant the rest (row_probabilities).
 CHAIN_TRUST_RATIO = 0.6
@@ -3371,6 +3381,7 @@ def localise_sagittal(localiser, study, chains=None):
         outputs, heatmaps = predict_slices(localiser, volume, range(len(volume.images)))
         every = {level: range(len(outputs)) for level in LEVELS}
         chosen = chained_slices(localiser, volume.stack, outputs, "spinal_canal_stenosis", every)
+        chosen = symmetric_slices(volume, outputs, "spinal_canal_stenosis", chosen)
         found += chained_points(localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, chains)
     if "foramen" in study.volumes:
         volume = study.volumes["foramen"][0]
@@ -3434,6 +3445,68 @@ def smoothed_presence(presence, along):
     smoothed = np.empty_like(ordered)
     smoothed[order] = 0.5 * ordered + 0.25 * (padded[:-2] + padded[2:])
     return smoothed
+
+
+def symmetric_slices(volume, outputs, condition, chosen):
+    """{level: slice index}: each of a condition's levels ({level: slice index} `chosen`) moved to the slice nearest
+    the plane about which the anatomy around it is mirror-symmetric, where that is clearly better than where it is.
+    The presence finds the midline, but not each level's own place across it (a spine bends sideways a little, and a
+    disc is present on many slices); the anatomy about a disc's centre is left-right symmetric whatever the contrast.
+    Each slice, and each point halfway between two, is tried as the centre: the patch around the level's point on the
+    slices at equal distances either side is compared (their correlation, averaged over the pairs out to
+    SYMMETRY_REACH_MM); a centre needs all its pairs in the stack and the level present there (SYMMETRY_PRESENCE_FLOOR).
+    A halfway centre goes to the more present of its two slices."""
+    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    stack = volume.stack
+    reach = max(1, round(SYMMETRY_REACH_MM / (abs(stack.slice_spacing) or SYMMETRY_REACH_MM)))
+    count = len(volume.images)
+    if count < 2 * reach + 1:
+        return chosen
+    along = stack.positions @ stack.normal
+    lower = np.arange(2 * count - 1) // 2  # centre c (in half slices) lies on slice c // 2, or between it and the next
+    upper = (np.arange(2 * count - 1) + 1) // 2
+    moved = dict(chosen)
+    for level, index in chosen.items():
+        presence = smoothed_presence(outputs[:, channels[level], 2], along)
+        symmetry = mirror_symmetry(level_patches(volume, outputs[index, channels[level], :2]), reach)
+        symmetry[np.maximum(presence[lower], presence[upper]) < SYMMETRY_PRESENCE_FLOOR * presence.max()] = np.nan
+        if np.all(np.isnan(symmetry)):
+            continue
+        best = int(np.nanargmax(symmetry))
+        if not symmetry[best] - SYMMETRY_MARGIN <= symmetry[2 * index]:  # also where the pick itself is no centre
+            moved[level] = int(lower[best] if presence[lower[best]] >= presence[upper[best]] else upper[best])
+    return moved
+
+
+def level_patches(volume, point):
+    """(slices, pixels): each slice's patch SYMMETRY_HALF_WIDTH_MM each way around a normalised (x, y) `point` of the
+    localiser's input, standardised to mean 0 and variance 1 (a flat patch to 0)."""
+    size = volume.images.shape[1]
+    row_mm, column_mm = np.asarray(volume.stack.pixel_spacing, float) * volume.stack.shape / size
+    x, y = from_unit(*point, (size, size))
+    half_x, half_y = (max(1, round(SYMMETRY_HALF_WIDTH_MM / mm)) for mm in (column_mm, row_mm))
+    left, top = int(np.clip(round(x) - half_x, 0, size - 1)), int(np.clip(round(y) - half_y, 0, size - 1))
+    patches = volume.images[:, top : round(y) + half_y + 1, left : round(x) + half_x + 1]
+    patches = patches.reshape(len(patches), -1).astype(np.float32)
+    centred = patches - patches.mean(axis=1, keepdims=True)
+    spread = centred.std(axis=1, keepdims=True)
+    return np.divide(centred, spread, out=np.zeros_like(centred), where=spread > 0)
+
+
+def mirror_symmetry(patches, reach):
+    """For each centre c in half slices (0 .. 2 * slices - 2), the mean correlation of the standardised patches of the
+    slices 1 .. `reach` steps either side of it (a slice: c / 2 ± k; halfway: its two slices, then outwards); NaN
+    where a pair would leave the stack."""
+    count = len(patches)
+    correlation = patches @ patches.T / max(1, patches.shape[1])
+    scores = np.full(2 * count - 1, np.nan)
+    steps = np.arange(1, reach + 1)
+    for centre in range(2 * count - 1):
+        halfway = centre % 2
+        below, above = (centre - halfway) // 2 - steps + halfway, (centre + halfway) // 2 + steps - halfway
+        if below.min() >= 0 and above.max() < count:
+            scores[centre] = correlation[below, above].mean()
+    return scores
 
 
 def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains=None):

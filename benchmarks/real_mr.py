@@ -5,6 +5,7 @@ The level localiser on real MR (issue 25), cross-validated over the 30 real lumb
     python benchmarks/real_mr.py --script /tmp/baseline/script.py    # measure another copy of script.py
     python benchmarks/real_mr.py --other-contrast inverted           # also the test studies in a simulated contrast
     python benchmarks/real_mr.py --work-dir W --keep --resume --test-seeds 1,2,3,7   # kept folds, other builds
+    python benchmarks/real_mr.py --work-dir W --keep --resume --relocalise --test-seeds 1,2,3,7   # a new decoding
     python benchmarks/real_mr.py --folds 5 --only-folds 1 -- --localiser-epochs 10   # extra training options after --
 
 Each fold builds a competition folder with tests/real_mr_competition.py (train: the other subjects; test: the fold's,
@@ -83,11 +84,18 @@ def parse_arguments(argv=None):
     parser.add_argument("--work-dir", type=Path, default=None, help="where folds are built and run (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep each fold's competition and outputs")
     parser.add_argument("--resume", action="store_true", help="reuse folds already measured in --work-dir")
+    parser.add_argument(
+        "--relocalise",
+        action="store_true",
+        help="with --resume: localise again with --script (its decoding), on each kept fold's test split and builds",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON to write (default: {RESULTS})")
     arguments, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
     arguments.extra = extra
+    if arguments.relocalise and not (arguments.resume and arguments.keep):
+        parser.error("--relocalise needs --resume and --keep: it localises again with the kept folds' localisers")
     return arguments
 
 
@@ -262,7 +270,9 @@ def run_fold(arguments, data, fold, subjects, test, work_dir):
     if arguments.resume and record_path.is_file():
         print(f"fold {fold}: reusing {record_path}", flush=True)
         record = json.loads(record_path.read_text())
-        if add_other_builds(arguments, data, fold_dir, record):
+        if arguments.relocalise:
+            relocalise(arguments, fold_dir, record)
+        if add_other_builds(arguments, data, fold_dir, record) or arguments.relocalise:
             record_path.write_text(json.dumps(record, indent=2))
         return record
     shutil.rmtree(fold_dir, ignore_errors=True)
@@ -335,6 +345,20 @@ def localise_command(arguments, model, competition_dir, points_path):
 def other_build_seeds(arguments):
     """The --test-seeds, as strings (the keys of a record's other_builds)."""
     return {str(seed) for seed in R.parse_subjects(arguments.test_seeds)}
+
+
+def relocalise(arguments, fold_dir, record):
+    """Localise a kept fold's test split again with --script and its kept localiser, and forget its other builds'
+    figures, so that add_other_builds localises them again too: a change of decoding measured without training."""
+    model, competition = fold_dir / "output" / "localiser.keras", fold_dir / "competition"
+    if not (model.is_file() and competition.is_dir()):
+        raise SystemExit(f"{fold_dir}: no kept localiser and competition; --relocalise needs folds run with --keep")
+    points = fold_dir / "output" / "points.csv"
+    command = localise_command(arguments, model, competition, points)
+    run(command, fold_dir / "localise.log")
+    record["points"], record["studies"] = measure(points, competition)
+    record["commands"][1] = shlex.join(command)
+    record.pop("other_builds", None)
 
 
 def add_other_builds(arguments, data, fold_dir, record):

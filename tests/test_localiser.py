@@ -293,6 +293,43 @@ def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_label
     assert alone == dict(zip(script.LEVELS, [5, 5, 5, 5, 1]))
 
 
+def symmetric_volume(centre, count=15, size=64, seed=0):
+    """A sagittal stack of `count` slices 4 mm apart, 0.5 mm pixels, whose slices mirror each other about slice
+    `centre` (a half-integer centre mirrors two slices onto each other): slice i shows the noise of its distance from
+    it, so only mirror pairs about the centre correlate."""
+    patterns = np.random.default_rng(seed).integers(0, 256, (2 * count, size, size)).astype(np.uint8)
+    images = np.stack([patterns[int(abs(i - centre) * 2)] for i in range(count)])
+    stack = types.SimpleNamespace(
+        shape=(size, size),
+        pixel_spacing=(0.5, 0.5),
+        slice_spacing=4.0,
+        positions=np.array([[4.0 * i, 0.0, 0.0] for i in range(count)]),
+        normal=np.eye(3)[0],
+    )
+    return types.SimpleNamespace(stack=stack, images=images)
+
+
+def test_a_level_moves_to_the_slice_its_anatomy_is_mirror_symmetric_about_where_it_is_present():
+    """Every canal level is most present on slice 5; the anatomy is mirror-symmetric about slice 8, or about the
+    midpoint of slices 8 and 9 (where the more present of the two wins). A level whose presence at the centre is
+    under SYMMETRY_PRESENCE_FLOOR of its peak stays where it was, and so does a level on a stack without symmetry."""
+    count, channels = 15, script.KIND_CHANNELS["canal"]
+    outputs = np.zeros((count, len(script.LOCALISER_CHANNELS), 3))
+    outputs[:, channels, :2] = 0.5
+    outputs[:, channels, 2] = 0.3
+    outputs[5, channels, 2] = 0.9
+    outputs[9, channels[4], 2] = 0.5  # L5/S1: slice 9 more present than slice 8.
+    outputs[6:11, channels[0], 2] = 0.01  # L1/L2: barely present around slice 8.
+    chosen = dict.fromkeys(script.LEVELS, 5)
+    moved = script.symmetric_slices(symmetric_volume(8), outputs, "spinal_canal_stenosis", chosen)
+    assert moved == dict(zip(script.LEVELS, [5, 8, 8, 8, 8]))
+    moved = script.symmetric_slices(symmetric_volume(8.5), outputs, "spinal_canal_stenosis", chosen)
+    assert moved == dict(zip(script.LEVELS, [5, 8, 8, 8, 9]))
+    flat = symmetric_volume(8)
+    flat.images[:] = flat.images[0]  # Every slice alike: every centre as symmetric as the presence's pick.
+    assert script.symmetric_slices(flat, outputs, "spinal_canal_stenosis", chosen) == chosen
+
+
 def test_smoothed_presence_picks_the_middle_of_a_plateau_and_keeps_a_sharp_peak_in_any_stack_order():
     plateau = np.array([0.05, 0.9, 0.8, 0.8, 0.05])  # Most present at the plateau's edge, slice 1.
     for along in (np.arange(5.0), -np.arange(5.0) * 4.0):  # Slices stored head-first or foot-first along the normal.
