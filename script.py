@@ -20,10 +20,11 @@ against the best constant's 0.927 in 2.5-3 minutes; five synthetic competitions 
 
 The main path (train): prepare the training crops → train the level localiser → localise the test studies → crop
 them → train the severity model → predict → write the submission. The localiser sees whole slices (a stride-4
-heatmap per point, presence per slice, axial slices matched by world geometry); the severity model streams crops
-from disk (OpenCV read → augmentation with cv2.warpAffine → preprocess_input), trains the head with the base frozen,
-then fine-tunes the last base layers at a lower rate; from scratch (--weights none) the whole network learns, its
-residual blocks starting as the identity, BatchNormalization's statistics recomputed after every epoch.
+heatmap per point, presence per slice, the canal's slices set by the anatomy's left-right symmetry, axial slices
+matched by world geometry); the severity model streams crops from disk (OpenCV read → augmentation with
+cv2.warpAffine → preprocess_input), trains the head with the base frozen, then fine-tunes the last base layers at a
+lower rate; from scratch (--weights none) the whole network learns, its residual blocks starting as the identity,
+BatchNormalization's statistics recomputed after every epoch.
 
 Contents (each chapter starts with a banner `# == N. name ==`; `grep -n '^# == ' script.py` prints this map):
      1. config                  the defaults a user edits: the run, each model and prepare; each model's settings
