@@ -3456,14 +3456,17 @@ def symmetric_slices(volume, outputs, condition, chosen):
     Each slice, and each point halfway between two, is tried as the centre: the patch around the level's point on the
     slices at equal distances either side is compared (their correlation, averaged over the pairs out to
     SYMMETRY_REACH_MM); a centre needs all its pairs in the stack and the level present there (SYMMETRY_PRESENCE_FLOOR).
-    A halfway centre goes to the more present of its two slices."""
+    A halfway centre goes to the more present of its two slices. Slices are paired by their order, so a stack whose
+    slices are not evenly spaced (a gap, a repeated position) keeps its slices, as does one too thin to pair."""
     channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
     stack = volume.stack
-    reach = max(1, round(SYMMETRY_REACH_MM / (abs(stack.slice_spacing) or SYMMETRY_REACH_MM)))
-    count = len(volume.images)
-    if count < 2 * reach + 1:
-        return chosen
     along = stack.positions @ stack.normal
+    gaps = np.abs(np.diff(along))
+    spacing = float(np.median(gaps)) if len(gaps) else 0.0
+    reach = max(1, round(SYMMETRY_REACH_MM / spacing)) if spacing > 0 else 0
+    count = len(volume.images)
+    if not reach or count < 2 * reach + 1 or np.abs(gaps - spacing).max() > 0.25 * spacing:
+        return chosen
     lower = np.arange(2 * count - 1) // 2  # centre c (in half slices) lies on slice c // 2, or between it and the next
     upper = (np.arange(2 * count - 1) + 1) // 2
     moved = dict(chosen)

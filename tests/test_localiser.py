@@ -312,7 +312,8 @@ def symmetric_volume(centre, count=15, size=64, seed=0):
 def test_a_level_moves_to_the_slice_its_anatomy_is_mirror_symmetric_about_where_it_is_present():
     """Every canal level is most present on slice 5; the anatomy is mirror-symmetric about slice 8, or about the
     midpoint of slices 8 and 9 (where the more present of the two wins). A level whose presence at the centre is
-    under SYMMETRY_PRESENCE_FLOOR of its peak stays where it was, and so does a level on a stack without symmetry."""
+    under SYMMETRY_PRESENCE_FLOOR of its peak stays where it was, and so does a level on a stack without symmetry or
+    with a gap between its slices."""
     count, channels = 15, script.KIND_CHANNELS["canal"]
     outputs = np.zeros((count, len(script.LOCALISER_CHANNELS), 3))
     outputs[:, channels, :2] = 0.5
@@ -328,6 +329,9 @@ def test_a_level_moves_to_the_slice_its_anatomy_is_mirror_symmetric_about_where_
     flat = symmetric_volume(8)
     flat.images[:] = flat.images[0]  # Every slice alike: every centre as symmetric as the presence's pick.
     assert script.symmetric_slices(flat, outputs, "spinal_canal_stenosis", chosen) == chosen
+    gap = symmetric_volume(8)
+    gap.stack.positions[10:, 0] += 4.0  # One slice missing between slices 9 and 10: pairs by order are not mirrors.
+    assert script.symmetric_slices(gap, outputs, "spinal_canal_stenosis", chosen) == chosen
 
 
 def test_smoothed_presence_picks_the_middle_of_a_plateau_and_keeps_a_sharp_peak_in_any_stack_order():
