@@ -3460,12 +3460,10 @@ def symmetric_slices(volume, outputs, condition, chosen):
     slices are not evenly spaced (a gap, a repeated position) keeps its slices, as does one too thin to pair."""
     channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
     stack = volume.stack
-    along = stack.positions @ stack.normal
-    gaps = np.abs(np.diff(along))
-    spacing = float(np.median(gaps)) if len(gaps) else 0.0
+    along, spacing = stack.positions @ stack.normal, stack.slice_spacing  # along rises: stacks are sorted by it
     reach = max(1, round(SYMMETRY_REACH_MM / spacing)) if spacing > 0 else 0
     count = len(volume.images)
-    if not reach or count < 2 * reach + 1 or np.abs(gaps - spacing).max() > 0.25 * spacing:
+    if not reach or count < 2 * reach + 1 or np.abs(np.diff(along) - spacing).max() > 0.25 * spacing:
         return chosen
     lower = np.arange(2 * count - 1) // 2  # centre c (in half slices) lies on slice c // 2, or between it and the next
     upper = (np.arange(2 * count - 1) + 1) // 2
