@@ -462,8 +462,9 @@ def main(argv=None):
         results["other_contrast_name"] = arguments.other_contrast
         results["other_contrast"] = summary(other_points, other_studies) if other_points else None
         results["other_contrast_studies"] = other_studies
-    if other_build_seeds(arguments):
-        results["other_builds"] = other_builds_summary(records, other_build_seeds(arguments))
+    seeds = other_build_seeds(arguments)
+    if seeds:
+        results["other_builds"] = other_builds_summary(records, seeds)
     results["markdown"] = markdown(results)
     arguments.results.parent.mkdir(parents=True, exist_ok=True)
     arguments.results.write_text(json.dumps(results, indent=2) + "\n")
