@@ -3383,7 +3383,7 @@ def localise_sagittal(localiser, study, chains=None):
         every = {level: range(len(outputs)) for level in LEVELS}
         chosen = chained_slices(localiser, volume.stack, outputs, "spinal_canal_stenosis", every)
         chosen = symmetric_slices(volume, outputs, "spinal_canal_stenosis", chosen)
-        found += chained_points(localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, chains)
+        found += chained_points(localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, every, chains)
     if "foramen" in study.volumes:
         volume = study.volumes["foramen"][0]
         outputs, heatmaps = predict_slices(localiser, volume, range(len(volume.images)))
@@ -3405,7 +3405,7 @@ def localise_sagittal(localiser, study, chains=None):
                     near = np.flatnonzero(np.abs(stack.plane_distances(expected[(condition, level)])) <= window)
                     candidates[level] = near if len(near) else candidates[level]
             chosen = chained_slices(localiser, stack, outputs, condition, candidates)
-            found += chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains)
+            found += chained_points(localiser, volume, outputs, heatmaps, condition, chosen, candidates, chains)
     return found
 
 
@@ -3511,11 +3511,13 @@ def mirror_symmetry(patches, reach):
     return scores
 
 
-def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chains=None):
+def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, candidates, chains=None):
     """The points of one condition's levels, each on its chosen slice ({level: slice index} of the volume, whose
     outputs and heatmaps are given), decoded as a chain: the places each level's heatmap offers are chosen jointly,
     so that the five levels lie in order down the spine on five discs, with steps like the labels' (best_chain).
-    Without learned steps, or without all five levels, each level takes its own heatmap's peak.
+    Where the chosen slices hold no such chain, it is looked for among the places on all of each level's `candidates`
+    slices (chain_places). Without learned steps, or without all five levels, each level takes its own heatmap's
+    peak.
 
     With a list `chains`, records (condition, whether the peaks alone broke the chain, whether the chain does)."""
     channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
@@ -3526,37 +3528,52 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, chai
     steps = (localiser.level_steps_mm or {}).get(condition)
     if steps is None or len(chosen) < len(LEVELS):
         return peaks
-    kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
-    places = {}  # {level: [((x, y) normalised, world point, score), ...]} on the level's slice
-    for level, index in chosen.items():
-        offered = heatmap_candidates(heatmaps[index], channels[level], kind_channels)
-        places[level] = [
-            (place, volume.stack.pixel_to_world(index, *from_unit(*place, volume.stack.shape)), score)
-            for place, score in offered
-        ]
-    picks = None
-    if all(places.values()):
-        picks = best_chain([[(point, score) for _, point, score in places[level]] for level in LEVELS], steps)
+    places = chain_places(volume, heatmaps, condition, {level: [index] for level, index in chosen.items()})
+    picks = best_chain_of(places, steps)
+    if picks is None:
+        places = chain_places(volume, heatmaps, condition, candidates)
+        picks = best_chain_of(places, steps)
     chained = peaks
     if picks is not None:
-        chained = [
-            point_on(
-                volume,
-                indices,
-                outputs,
-                chosen[level],
-                channels[level],
-                condition,
-                level,
-                places[level][pick][0],
-                trust=chain_trust(places[level][pick][2] - places[level][0][2]),
-            )
-            for level, pick in zip(LEVELS, picks)
-        ]
+        chained = []
+        for level, pick in zip(LEVELS, picks):
+            index, place, _, score, peak = places[level][pick]
+            trust = chain_trust(score - peak)
+            chained.append(point_on(volume, indices, outputs, index, channels[level], condition, level, place, trust))
     if chains is not None:
         before, after = ([point.world for point in points] for points in (peaks, chained))
         chains.append((condition, chain_broken(before, steps), chain_broken(after, steps)))
     return chained
+
+
+def chain_places(volume, heatmaps, condition, slices):
+    """{level: [(slice index, (x, y) normalised, world point, score, the score of the slice's best place), ...]}: the
+    places each level's heatmap offers (heatmap_candidates) on each of its `slices` ({level: slice indices}), for
+    best_chain. On one slice a level's first place is its map's peak.
+
+    Across slices, the places are scored by the heatmaps alone: where the slices the presence chose hold no chain,
+    the presence is what failed. (Real MR's subject 29, a scoliosis whose canal sweeps 50 mm across
+    the slices: its presence stays under 0.05 on every slice for L1/L2-L4/L5, and its levels, each on its own peak,
+    put two on one disc in every build; chained over every slice, all five are on their own discs in four builds of
+    five: benchmarks/REAL_MR.md.)"""
+    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
+    places = {level: [] for level in LEVELS}
+    for level in LEVELS:
+        for index in slices.get(level, ()):
+            offered = heatmap_candidates(heatmaps[index], channels[level], kind_channels)
+            for place, score in offered:
+                world = volume.stack.pixel_to_world(index, *from_unit(*place, volume.stack.shape))
+                places[level].append((index, place, world, score, offered[0][1]))
+    return places
+
+
+def best_chain_of(places, steps):
+    """best_chain over chain_places' places: the index of each level's pick, or None where there is no chain (or a
+    level has no place)."""
+    if not all(places.values()):
+        return None
+    return best_chain([[(world, score) for _, _, world, score, _ in places[level]] for level in LEVELS], steps)
 
 
 def chain_trust(log_ratio):
