@@ -271,6 +271,11 @@ SYMMETRY_HALF_WIDTH_MM = 15.0
 SYMMETRY_REACH_MM = 16.0
 SYMMETRY_PRESENCE_FLOOR = 0.1
 SYMMETRY_MARGIN = 0.05
+# Where the chosen slices hold no chain, a level whose presence (smoothed) stays under this on every slice is one the
+# presence does not see: its place in the chain may be on any of its slices (chain_places). Real MR (two sets of fold
+# localisers, 30 studies each): the scoliosis's L1/L2-L4/L5 peak at 0.01-0.08; of the other 290 levels, one at 0.09,
+# the rest at 0.11 or more.
+CHAIN_UNSEEN_PRESENCE = 0.1
 # Where the chain moves a level off its own heatmap's peak, neither is sure: the level's crops then carry
 # min(1, p(place) / p(peak) / CHAIN_TRUST_RATIO) of its prediction, and its best constant the rest (row_probabilities).
 CHAIN_TRUST_RATIO = 0.6
@@ -3515,9 +3520,9 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, cand
     """The points of one condition's levels, each on its chosen slice ({level: slice index} of the volume, whose
     outputs and heatmaps are given), decoded as a chain: the places each level's heatmap offers are chosen jointly,
     so that the five levels lie in order down the spine on five discs, with steps like the labels' (best_chain).
-    Where the chosen slices hold no such chain, it is looked for among the places on all of each level's `candidates`
-    slices (chain_places). Without learned steps, or without all five levels, each level takes its own heatmap's
-    peak.
+    Where the chosen slices hold no such chain, the levels the presence does not see (unseen_levels) may take their
+    place on any of their `candidates` slices, the others staying on theirs (chain_places). Without learned steps, or
+    without all five levels, each level takes its own heatmap's peak.
 
     With a list `chains`, records (condition, whether the peaks alone broke the chain, whether the chain does)."""
     channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
@@ -3530,8 +3535,10 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, cand
         return peaks
     places = chain_places(volume, heatmaps, condition, {level: [index] for level, index in chosen.items()})
     picks = best_chain_of(places, steps)
-    if picks is None:
-        places = chain_places(volume, heatmaps, condition, candidates)
+    unseen = unseen_levels(volume.stack, outputs, condition, candidates) if picks is None else set()
+    if unseen:
+        slices = {level: candidates[level] if level in unseen else [index] for level, index in chosen.items()}
+        places = chain_places(volume, heatmaps, condition, slices)
         picks = best_chain_of(places, steps)
     chained = peaks
     if picks is not None:
@@ -3551,11 +3558,12 @@ def chain_places(volume, heatmaps, condition, slices):
     places each level's heatmap offers (heatmap_candidates) on each of its `slices` ({level: slice indices}), for
     best_chain. On one slice a level's first place is its map's peak.
 
-    Across slices, the places are scored by the heatmaps alone: where the slices the presence chose hold no chain,
-    the presence is what failed. (Real MR's subject 29, a scoliosis whose canal sweeps 50 mm across
-    the slices: its presence stays under 0.05 on every slice for L1/L2-L4/L5, and its levels, each on its own peak,
-    put two on one disc in every build; chained over every slice, all five are on their own discs in four builds of
-    five: benchmarks/REAL_MR.md.)"""
+    Across slices, the places are scored by the heatmaps alone: they are offered for the levels the presence does not
+    see. (Real MR's subject 29, a scoliosis whose canal sweeps 50 mm across the slices: its presence stays under 0.1 on
+    every slice for L1/L2-L4/L5, and its levels, each on its own peak, put two on one disc in every build of three
+    model sets; with those four chained over every slice, two on one disc in 2 of the 11 builds where no chain held on
+    the chosen slices, and in 5 with L5/S1, which the presence sees, chained over every slice too:
+    benchmarks/REAL_MR.md.)"""
     channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
     kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
     places = {level: [] for level in LEVELS}
@@ -3574,6 +3582,19 @@ def best_chain_of(places, steps):
     if not all(places.values()):
         return None
     return best_chain([[(world, score) for _, _, world, score, _ in places[level]] for level in LEVELS], steps)
+
+
+def unseen_levels(stack, outputs, condition, candidates):
+    """The levels of a condition whose presence, smoothed across slices (smoothed_presence), stays under
+    CHAIN_UNSEEN_PRESENCE on every one of their `candidates` slices ({level: slice indices})."""
+    along = stack.positions @ stack.normal
+    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    return {
+        level
+        for level, indices in candidates.items()
+        if len(indices)
+        and smoothed_presence(outputs[:, channels[level], 2], along)[list(indices)].max() < CHAIN_UNSEEN_PRESENCE
+    }
 
 
 def chain_trust(log_ratio):

@@ -262,10 +262,11 @@ def test_a_chain_keeps_two_levels_off_one_disc_where_their_own_peaks_would_share
     assert not script.chain_broken([candidates[level][pick][0] for level, pick in enumerate(picks)], STEPS)
 
 
-def test_a_chain_the_chosen_slices_cannot_hold_is_looked_for_on_each_levels_other_slices():
+def test_a_chain_the_chosen_slices_cannot_hold_is_looked_for_on_the_other_slices_of_levels_the_presence_misses():
     """The presence put all five canal levels on slice 2, where every level's map peaks on one disc, off the chain:
-    no chain there. On slice 4 each level's map peaks on its own disc, 36 mm below the one above: the levels go
-    there, as a chain. Where slice 2 is the only one a level may take, each level stays on its own peak."""
+    no chain there. On slice 4 each level's map peaks on its own disc, 36 mm below the one above. Where the presence
+    sees no level anywhere (under CHAIN_UNSEEN_PRESENCE), the levels go to slice 4, as a chain; where it sees them,
+    they stay on slice 2, each on its own peak."""
     count, size, cells = 6, 200, 50  # 1 mm pixels; heatmap cells of 4 px
     channels = script.KIND_CHANNELS["canal"]
     rows, columns = np.mgrid[0:cells, 0:cells]
@@ -273,17 +274,23 @@ def test_a_chain_the_chosen_slices_cannot_hold_is_looked_for_on_each_levels_othe
     for level, channel in enumerate(channels):
         heatmaps[2, :, :, channel] = -((rows - 25) ** 2 + (columns - 25) ** 2) / 2.0
         heatmaps[4, :, :, channel] = -((rows - 4 - 9 * level) ** 2 + (columns - 25) ** 2) / 2.0
-    outputs = np.full((count, len(script.LOCALISER_CHANNELS), 3), 0.5)
-    stack = types.SimpleNamespace(shape=(size, size), pixel_to_world=lambda index, x, y: np.array([4.0 * index, x, -y]))
+    stack = types.SimpleNamespace(
+        shape=(size, size),
+        positions=np.array([[4.0 * i, 0.0, 0.0] for i in range(count)]),
+        normal=np.eye(3)[0],
+        pixel_to_world=lambda index, x, y: np.array([4.0 * index, x, -y]),
+    )
     volume = types.SimpleNamespace(stack=stack)
     localiser = types.SimpleNamespace(level_steps_mm={"spinal_canal_stenosis": STEPS})
     chosen = dict.fromkeys(script.LEVELS, 2)
-    for slices, found_on, ys, broken in (
-        (range(count), 4, [18.0, 54.0, 90.0, 126.0, 162.0], False),
-        ([2], 2, [99.5] * 5, True),  # Each on its own output: the middle of slice 2.
+    candidates = dict.fromkeys(script.LEVELS, range(count))
+    for presence, found_on, ys, broken in (
+        (0.05, 4, [18.0, 54.0, 90.0, 126.0, 162.0], False),
+        (0.5, 2, [99.5] * 5, True),  # Each on its own output: the middle of slice 2.
     ):
+        outputs = np.full((count, len(script.LOCALISER_CHANNELS), 3), 0.5)
+        outputs[:, :, 2] = presence
         chains = []
-        candidates = dict.fromkeys(script.LEVELS, slices)
         points = script.chained_points(
             localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, candidates, chains
         )
