@@ -255,6 +255,12 @@ AXIAL_MATCH_MM = 5.0  # mm: an axial slice farther than this from a level's poin
 # chain squeezed up one disc at its top has one step 1.37-1.49 of it (benchmarks/REAL_MR.md), which 1.5 let through.
 CHAIN_CANDIDATES = 6
 CHAIN_STEP_RANGE = (0.7, 1.3)
+# Where the training labels' chains vary more, the range widens to hold 99 % of them (each study's shortest and longest
+# step, their 0.5th and 99.5th percentiles: learn_step_ranges), but never beyond these limits, which still refuse two
+# levels on one disc and a skipped disc (a step near 2). The real competition's own labels have a step outside 0.7-1.3
+# of their study's mean in 1.5 % of studies (degenerate discs, slips); the 30 real volunteers and the phantoms stay
+# within 0.80-1.21, so there the range is CHAIN_STEP_RANGE (benchmarks/REAL_MR.md).
+CHAIN_STEP_RANGE_LIMITS = (0.5, 1.6)
 CHAIN_STEP_ANGLE = 40.0  # degrees
 CHAIN_MIN_SD_MM = 3.0  # mm: the least standard deviation recorded for a step, per axis
 # Choosing a condition's slices jointly, each step across the stack is weighed by a Gaussian this many times wider than
@@ -2761,7 +2767,8 @@ def localiser_for_run(competition, table, validation_rows, settings, options, ou
         return None, None
     keras.utils.set_random_seed(options.seed)
     model = fit_localiser(training, settings, options, progress)
-    localiser = Localiser(model, learn_offsets(training), learn_level_steps(training))
+    steps = learn_level_steps(training)
+    localiser = Localiser(model, learn_offsets(training), steps, learn_step_ranges(training, steps))
     localiser.save(path)
     metrics, report_points = {}, None
     held_out = read(sorted(validation)) if validation else []
@@ -3282,19 +3289,24 @@ def fit_localiser(studies, settings, options, progress):
 @dataclass
 class Localiser:
     """A trained level localiser: its model, and what it learned from the labels' geometry (learn_offsets,
-    learn_level_steps), saved as localiser.keras and localiser.json beside it. Predicting, it also reads the model's
-    heatmaps, to decode each condition's levels as a chain."""
+    learn_level_steps, learn_step_ranges), saved as localiser.keras and localiser.json beside it. Predicting, it also
+    reads the model's heatmaps, to decode each condition's levels as a chain."""
 
     model: "keras.Model"  # Quoted: Keras is imported by import_tensorflow, after this class is defined.
     level_offsets_mm: dict | None
     level_steps_mm: dict | None = None
+    chain_step_ranges: dict | None = None  # {condition: (low, high)}: learn_step_ranges; None before it was learned
 
     def __post_init__(self):
         self.predictor = keras.Model(self.model.input, [self.model.output, self.model.get_layer("heatmaps").output])
 
     def save(self, path):
         write_atomically(path, self.model.save)
-        geometry = {"level_offsets_mm": self.level_offsets_mm, "level_steps_mm": self.level_steps_mm}
+        geometry = {
+            "level_offsets_mm": self.level_offsets_mm,
+            "level_steps_mm": self.level_steps_mm,
+            "chain_step_ranges": self.chain_step_ranges,
+        }
         write_json(geometry, Path(path).with_suffix(".json"))
 
     @classmethod
@@ -3308,7 +3320,9 @@ class Localiser:
         geometry = path.with_suffix(".json")
         try:
             learned = json.loads(geometry.read_text())
-            return cls(model, learned["level_offsets_mm"], learned.get("level_steps_mm"))
+            return cls(
+                model, learned["level_offsets_mm"], learned.get("level_steps_mm"), learned.get("chain_step_ranges")
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise InputError(
                 f"--localiser {path}: its offsets, {geometry}, cannot be read ({type(error).__name__}: {error}). Keep "
@@ -3533,13 +3547,14 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, cand
     steps = (localiser.level_steps_mm or {}).get(condition)
     if steps is None or len(chosen) < len(LEVELS):
         return peaks
+    bounds = step_range(localiser, condition)
     places = chain_places(volume, heatmaps, condition, {level: [index] for level, index in chosen.items()})
-    picks = best_chain_of(places, steps)
+    picks = best_chain_of(places, steps, bounds)
     unseen = unseen_levels(volume.stack, outputs, condition, candidates) if picks is None else set()
     if unseen:
         slices = {level: candidates[level] if level in unseen else [index] for level, index in chosen.items()}
         places = chain_places(volume, heatmaps, condition, slices)
-        picks = best_chain_of(places, steps)
+        picks = best_chain_of(places, steps, bounds)
     chained = peaks
     if picks is not None:
         chained = []
@@ -3549,7 +3564,7 @@ def chained_points(localiser, volume, outputs, heatmaps, condition, chosen, cand
             chained.append(point_on(volume, indices, outputs, index, channels[level], condition, level, place, trust))
     if chains is not None:
         before, after = ([point.world for point in points] for points in (peaks, chained))
-        chains.append((condition, chain_broken(before, steps), chain_broken(after, steps)))
+        chains.append((condition, chain_broken(before, steps, bounds), chain_broken(after, steps, bounds)))
     return chained
 
 
@@ -3576,12 +3591,18 @@ def chain_places(volume, heatmaps, condition, slices):
     return places
 
 
-def best_chain_of(places, steps):
+def best_chain_of(places, steps, bounds=CHAIN_STEP_RANGE):
     """best_chain over chain_places' places: the index of each level's pick, or None where there is no chain (or a
     level has no place)."""
     if not all(places.values()):
         return None
-    return best_chain([[(world, score) for _, _, world, score, _ in places[level]] for level in LEVELS], steps)
+    return best_chain([[(world, score) for _, _, world, score, _ in places[level]] for level in LEVELS], steps, bounds)
+
+
+def step_range(localiser, condition):
+    """(low, high): the range of a condition's step lengths, as multiples of the mean step's, that a chain may have:
+    the localiser's learned one (learn_step_ranges), else CHAIN_STEP_RANGE."""
+    return tuple((getattr(localiser, "chain_step_ranges", None) or {}).get(condition, CHAIN_STEP_RANGE))
 
 
 def unseen_levels(stack, outputs, condition, candidates):
@@ -3649,18 +3670,18 @@ def heatmap_candidates(heatmaps, channel, kind_channels, count=CHAIN_CANDIDATES,
     return candidates
 
 
-def best_chain(candidates, steps):
+def best_chain(candidates, steps, bounds=CHAIN_STEP_RANGE):
     """The choice of one candidate per level with the highest total score among the chains the labels would draw:
     each step between neighbouring levels plausible (plausible_steps). Where the levels' own best places already
     make such a chain, it is kept as it is; where they do not (two levels on one disc, a level out of order, a disc
     skipped), the levels that must move are those whose maps are the least sure.
 
     candidates: per level, in LEVELS order, [(world point, score), ...]; steps: per neighbouring pair, the mean step
-    and its standard deviation (learn_level_steps). Returns the index chosen for each level, or None when no chain is
-    possible."""
+    and its standard deviation (learn_level_steps); bounds: the step lengths' range (step_range). Returns the index
+    chosen for each level, or None when no chain is possible."""
     points = [np.array([point for point, _ in offered], float) for offered in candidates]
     transitions = [
-        np.where(plausible_steps(here[None] - before[:, None], mean), 0.0, -np.inf)
+        np.where(plausible_steps(here[None] - before[:, None], mean, bounds), 0.0, -np.inf)
         for before, here, (mean, _) in zip(points, points[1:], steps)
     ]
     return best_path([np.array([score for _, score in offered], float) for offered in candidates], transitions)
@@ -3683,21 +3704,21 @@ def best_path(scores, transitions):
     return chosen[::-1]
 
 
-def plausible_steps(steps, mean):
+def plausible_steps(steps, mean, bounds=CHAIN_STEP_RANGE):
     """Whether each step (..., 3) in the world from one level down to the next is one the labels would draw: its
-    length within CHAIN_STEP_RANGE of the mean step's, its direction within CHAIN_STEP_ANGLE degrees of the mean's.
-    Two levels on one disc, a level above the one it belongs below, or a disc skipped, are not."""
+    length within `bounds` (step_range) of the mean step's, its direction within CHAIN_STEP_ANGLE degrees of the
+    mean's. Two levels on one disc, a level above the one it belongs below, or a disc skipped, are not."""
     mean = np.asarray(mean, float)
     lengths, usual = np.linalg.norm(steps, axis=-1), np.linalg.norm(mean)
-    low, high = CHAIN_STEP_RANGE
+    low, high = bounds
     along = (steps @ mean) / np.maximum(lengths * usual, 1e-9)
     return (lengths >= low * usual) & (lengths <= high * usual) & (along >= np.cos(np.radians(CHAIN_STEP_ANGLE)))
 
 
-def chain_broken(points, steps):
+def chain_broken(points, steps, bounds=CHAIN_STEP_RANGE):
     """True when a chain of level points (world, in LEVELS order) has a step the labels would not draw."""
     return not all(
-        plausible_steps(np.asarray(lower, float) - np.asarray(upper, float), mean)
+        plausible_steps(np.asarray(lower, float) - np.asarray(upper, float), mean, bounds)
         for (mean, _), upper, lower in zip(steps, points, points[1:])
     )
 
@@ -3927,6 +3948,35 @@ def learn_level_steps(studies):
         else:
             steps[condition] = pairs
     return steps
+
+
+def learn_step_ranges(studies, steps):
+    """{condition: (low, high)}: for each condition with learned steps (learn_level_steps), the range of step lengths,
+    as multiples of each pair's mean step, that holds 99 % of the labelled chains: the 0.5th percentile of each
+    study's shortest step and the 99.5th of its longest, widening CHAIN_STEP_RANGE but never beyond
+    CHAIN_STEP_RANGE_LIMITS."""
+    ranges = {}
+    for condition, pairs in steps.items():
+        usual = [np.linalg.norm(mean) for mean, _ in pairs]
+        shortest, longest = [], []
+        for study in studies:
+            points = [study.points.get((condition, level)) for level in LEVELS]
+            if any(point is None for point in points):
+                continue
+            ratios = [
+                np.linalg.norm(np.subtract(lower, upper)) / length
+                for upper, lower, length in zip(points, points[1:], usual)
+            ]
+            shortest.append(min(ratios))
+            longest.append(max(ratios))
+        if not shortest:
+            continue
+        (least, most), (low, high) = CHAIN_STEP_RANGE_LIMITS, CHAIN_STEP_RANGE
+        ranges[condition] = (
+            round(float(min(low, max(least, np.quantile(shortest, 0.005)))), 3),
+            round(float(max(high, min(most, np.quantile(longest, 0.995)))), 3),
+        )
+    return ranges
 
 
 def expected_points(points, offsets, kinds=("canal", "foramina")):

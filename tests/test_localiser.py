@@ -121,6 +121,9 @@ def test_training_on_a_competition_trains_and_measures_the_localiser(trained):
     assert severity["rows"] > 0 and severity["score_at_found_points"] > 0 and severity["score_at_labelled_points"] > 0
     assert (trained / "localisation.png").is_file()
     assert json.loads((trained / "config.json").read_text())["localiser_model"]["localiser_epochs"] == 12
+    # The chains' step range learned from the labels: these phantoms' chains are as even as healthy spines'.
+    ranges = json.loads((trained / "localiser.json").read_text())["chain_step_ranges"]
+    assert ranges == dict.fromkeys(script.CHAIN_CONDITIONS, list(script.CHAIN_STEP_RANGE))
 
 
 def test_localise_prepare_predict_fills_every_row_at_points_near_the_truth(competition, trained, tmp_path):
@@ -307,6 +310,45 @@ def test_a_step_four_tenths_longer_than_the_mean_breaks_the_chain():
     assert not script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 1.4], [0.0, 0.0, -35.0 * 0.6]]), mean).any()
     squeezed = [np.array([0.0, 0.0, z]) for z in (7.0, -34.0, -61.0, -113.0, -146.0)]  # steps 1.17, 0.77, 1.49, 0.94
     assert script.chain_broken(squeezed, STEPS)
+
+
+def chains_of(factors, count=100):
+    """Labelled studies whose canal steps are 35 mm, but the last one 35 mm times each factor in turn."""
+    studies = []
+    for number in range(count):
+        heights = np.cumsum([0.0, 35.0, 35.0, 35.0, 35.0 * factors[number % len(factors)]])
+        points = {
+            ("spinal_canal_stenosis", level): np.array([0.0, 0.0, -z]) for level, z in zip(script.LEVELS, heights)
+        }
+        studies.append(types.SimpleNamespace(points=points))
+    return studies
+
+
+def test_the_chains_step_range_widens_to_hold_the_labels_chains_within_its_limits():
+    """Chains as even as healthy spines keep CHAIN_STEP_RANGE; chains whose last step is 0.55 or 1.45 times the mean
+    widen it to hold them, so that a last step of 1.35 no longer breaks a chain, and one of 1.8 still does; steps of
+    0.2 and 1.8 (a disc shared or skipped) widen it only to CHAIN_STEP_RANGE_LIMITS."""
+    condition = "spinal_canal_stenosis"
+    for factors, expected in (
+        ([0.95, 1.05], script.CHAIN_STEP_RANGE),
+        ([0.55, 1.45], (0.55, 1.45)),
+        ([0.2, 1.8], script.CHAIN_STEP_RANGE_LIMITS),
+    ):
+        studies = chains_of(factors)
+        ranges = script.learn_step_ranges(studies, script.learn_level_steps(studies))
+        assert ranges[condition] == pytest.approx(expected, abs=0.01)
+    widened = chains_of([0.55, 1.45])
+    steps = script.learn_level_steps(widened)
+    bounds = script.learn_step_ranges(widened, steps)[condition]
+    longer, skipped = (
+        [study.points[(condition, level)] for level in script.LEVELS] for study in chains_of([1.35, 1.8], count=2)
+    )
+    assert script.chain_broken(longer, steps[condition])
+    assert not script.chain_broken(longer, steps[condition], bounds)
+    assert script.chain_broken(skipped, steps[condition], bounds)
+    localiser = types.SimpleNamespace(level_steps_mm=steps, chain_step_ranges={condition: list(bounds)})
+    assert script.step_range(localiser, condition) == tuple(bounds)
+    assert script.step_range(types.SimpleNamespace(), condition) == script.CHAIN_STEP_RANGE
 
 
 def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_labels_show():
