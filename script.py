@@ -3579,8 +3579,8 @@ def chain_places(volume, heatmaps, condition, slices):
     model sets; with those four chained over every slice, two on one disc in 2 of the 11 builds where no chain held on
     the chosen slices, and in 5 with L5/S1, which the presence sees, chained over every slice too:
     benchmarks/REAL_MR.md.)"""
-    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
     kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
+    channels = dict(zip(LEVELS, kind_channels))
     places = {level: [] for level in LEVELS}
     for level in LEVELS:
         for index in slices.get(level, ()):
@@ -3602,7 +3602,7 @@ def best_chain_of(places, steps, bounds=CHAIN_STEP_RANGE):
 def step_range(localiser, condition):
     """(low, high): the range of a condition's step lengths, as multiples of the mean step's, that a chain may have:
     the localiser's learned one (learn_step_ranges), else CHAIN_STEP_RANGE."""
-    return tuple((getattr(localiser, "chain_step_ranges", None) or {}).get(condition, CHAIN_STEP_RANGE))
+    return tuple((localiser.chain_step_ranges or {}).get(condition, CHAIN_STEP_RANGE))
 
 
 def unseen_levels(stack, outputs, condition, candidates):

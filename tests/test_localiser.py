@@ -284,7 +284,7 @@ def test_a_chain_the_chosen_slices_cannot_hold_is_looked_for_on_the_other_slices
         pixel_to_world=lambda index, x, y: np.array([4.0 * index, x, -y]),
     )
     volume = types.SimpleNamespace(stack=stack)
-    localiser = types.SimpleNamespace(level_steps_mm={"spinal_canal_stenosis": STEPS})
+    localiser = types.SimpleNamespace(level_steps_mm={"spinal_canal_stenosis": STEPS}, chain_step_ranges=None)
     chosen = dict.fromkeys(script.LEVELS, 2)
     candidates = dict.fromkeys(script.LEVELS, range(count))
     for presence, found_on, ys, broken in (
@@ -348,7 +348,7 @@ def test_the_chains_step_range_widens_to_hold_the_labels_chains_within_its_limit
     assert script.chain_broken(skipped, steps[condition], bounds)
     localiser = types.SimpleNamespace(level_steps_mm=steps, chain_step_ranges={condition: list(bounds)})
     assert script.step_range(localiser, condition) == tuple(bounds)
-    assert script.step_range(types.SimpleNamespace(), condition) == script.CHAIN_STEP_RANGE
+    assert script.step_range(types.SimpleNamespace(chain_step_ranges=None), condition) == script.CHAIN_STEP_RANGE
 
 
 def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_labels_show():
