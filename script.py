@@ -3436,10 +3436,9 @@ def chained_slices(localiser, stack, outputs, condition, candidates):
     (learn_level_steps), CHAIN_SLICE_SD_FACTOR times as wide. On real MR, where a disc is present on many slices, this
     keeps L5/S1 from a slice 2-4 off the others' (benchmarks/REAL_MR.md). Without learned steps, or where a level has
     no candidate, each level goes where it is most present."""
-    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
     candidates = {level: np.asarray(indices, int) for level, indices in candidates.items() if len(indices)}
     along = stack.positions @ stack.normal
-    presence = {level: smoothed_presence(outputs[:, channels[level], 2], along) for level in candidates}
+    presence = level_presence(stack, outputs, condition)
     steps = (localiser.level_steps_mm or {}).get(condition)
     if steps is None or len(candidates) < len(LEVELS):
         return {level: int(indices[np.argmax(presence[level][indices])]) for level, indices in candidates.items()}
@@ -3452,6 +3451,14 @@ def chained_slices(localiser, stack, outputs, condition, candidates):
         transitions.append(-0.5 * ((step - expected) / spread) ** 2)
     picks = best_path(scores, transitions)
     return {level: int(candidates[level][pick]) for level, pick in zip(LEVELS, picks)}
+
+
+def level_presence(stack, outputs, condition):
+    """{level: its presence on each slice of the stack, smoothed across slices (smoothed_presence)} for a condition's
+    levels, from the localiser's outputs on every slice."""
+    along = stack.positions @ stack.normal
+    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    return {level: smoothed_presence(outputs[:, channels[level], 2], along) for level in LEVELS}
 
 
 def smoothed_presence(presence, along):
@@ -3486,9 +3493,9 @@ def symmetric_slices(volume, outputs, condition, chosen):
         return chosen
     lower = np.arange(2 * count - 1) // 2  # centre c (in half slices) lies on slice c // 2, or between it and the next
     upper = (np.arange(2 * count - 1) + 1) // 2
-    moved = dict(chosen)
+    moved, presences = dict(chosen), level_presence(stack, outputs, condition)
     for level, index in chosen.items():
-        presence = smoothed_presence(outputs[:, channels[level], 2], along)
+        presence = presences[level]
         symmetry = mirror_symmetry(level_patches(volume, outputs[index, channels[level], :2]), reach)
         symmetry[np.maximum(presence[lower], presence[upper]) < SYMMETRY_PRESENCE_FLOOR * presence.max()] = np.nan
         if np.all(np.isnan(symmetry)):
@@ -3608,13 +3615,11 @@ def step_range(localiser, condition):
 def unseen_levels(stack, outputs, condition, candidates):
     """The levels of a condition whose presence, smoothed across slices (smoothed_presence), stays under
     CHAIN_UNSEEN_PRESENCE on every one of their `candidates` slices ({level: slice indices})."""
-    along = stack.positions @ stack.normal
-    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    presence = level_presence(stack, outputs, condition)
     return {
         level
         for level, indices in candidates.items()
-        if len(indices)
-        and smoothed_presence(outputs[:, channels[level], 2], along)[list(indices)].max() < CHAIN_UNSEEN_PRESENCE
+        if len(indices) and presence[level][list(indices)].max() < CHAIN_UNSEEN_PRESENCE
     }
 
 
