@@ -1,7 +1,7 @@
 """
 The level localiser on real MR (issue 25), cross-validated over the 30 real lumbar volumes with disc points.
 
-    python benchmarks/real_mr.py                                     # 5 folds, ~5 minutes each on 2 cores
+    python benchmarks/real_mr.py                                     # 5 folds, ~18 minutes each on 2 cores
     python benchmarks/real_mr.py --script /tmp/baseline/script.py    # measure another copy of script.py
     python benchmarks/real_mr.py --other-contrast inverted           # also the test studies in a simulated contrast
     python benchmarks/real_mr.py --work-dir W --keep --resume --test-seeds 1,2,3,7   # kept folds, other builds
