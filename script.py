@@ -3598,7 +3598,7 @@ def chain_places(volume, heatmaps, condition, slices):
     return places
 
 
-def best_chain_of(places, steps, bounds=CHAIN_STEP_RANGE):
+def best_chain_of(places, steps, bounds):
     """best_chain over chain_places' places: the index of each level's pick, or None where there is no chain (or a
     level has no place)."""
     if not all(places.values()):
@@ -3675,7 +3675,7 @@ def heatmap_candidates(heatmaps, channel, kind_channels, count=CHAIN_CANDIDATES,
     return candidates
 
 
-def best_chain(candidates, steps, bounds=CHAIN_STEP_RANGE):
+def best_chain(candidates, steps, bounds):
     """The choice of one candidate per level with the highest total score among the chains the labels would draw:
     each step between neighbouring levels plausible (plausible_steps). Where the levels' own best places already
     make such a chain, it is kept as it is; where they do not (two levels on one disc, a level out of order, a disc
@@ -3709,7 +3709,7 @@ def best_path(scores, transitions):
     return chosen[::-1]
 
 
-def plausible_steps(steps, mean, bounds=CHAIN_STEP_RANGE):
+def plausible_steps(steps, mean, bounds):
     """Whether each step (..., 3) in the world from one level down to the next is one the labels would draw: its
     length within `bounds` (step_range) of the mean step's, its direction within CHAIN_STEP_ANGLE degrees of the
     mean's. Two levels on one disc, a level above the one it belongs below, or a disc skipped, are not."""
@@ -3720,7 +3720,7 @@ def plausible_steps(steps, mean, bounds=CHAIN_STEP_RANGE):
     return (lengths >= low * usual) & (lengths <= high * usual) & (along >= np.cos(np.radians(CHAIN_STEP_ANGLE)))
 
 
-def chain_broken(points, steps, bounds=CHAIN_STEP_RANGE):
+def chain_broken(points, steps, bounds):
     """True when a chain of level points (world, in LEVELS order) has a step the labels would not draw."""
     return not all(
         plausible_steps(np.asarray(lower, float) - np.asarray(upper, float), mean, bounds)

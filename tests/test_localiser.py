@@ -250,6 +250,7 @@ def test_a_point_the_chain_moved_off_its_peak_is_graded_partly_as_its_best_const
 
 
 STEPS = [([0.0, 0.0, -35.0], [3.0, 3.0, 3.0])] * 4  # Each level 35 mm below the one above it.
+RANGE = script.CHAIN_STEP_RANGE  # the step range of a localiser trained on labels like these (step_range)
 
 
 def test_a_chain_keeps_two_levels_off_one_disc_where_their_own_peaks_would_share_it():
@@ -259,10 +260,10 @@ def test_a_chain_keeps_two_levels_off_one_disc_where_their_own_peaks_would_share
     candidates = [[(discs[level], -0.1)] for level in range(5)]
     candidates[2] = [(discs[1], -0.1), (discs[2], -1.0)]
     peaks = [max(offered, key=lambda place: place[1])[0] for offered in candidates]
-    assert script.chain_broken(peaks, STEPS)
-    picks = script.best_chain(candidates, STEPS)
+    assert script.chain_broken(peaks, STEPS, RANGE)
+    picks = script.best_chain(candidates, STEPS, RANGE)
     assert picks == [0, 0, 1, 0, 0]
-    assert not script.chain_broken([candidates[level][pick][0] for level, pick in enumerate(picks)], STEPS)
+    assert not script.chain_broken([candidates[level][pick][0] for level, pick in enumerate(picks)], STEPS, RANGE)
 
 
 def test_a_chain_the_chosen_slices_cannot_hold_is_looked_for_on_the_other_slices_of_levels_the_presence_misses():
@@ -306,10 +307,10 @@ def test_a_step_four_tenths_longer_than_the_mean_breaks_the_chain():
     """Real spines' steps lie within 0.87-1.13 of the mean; a chain squeezed up one disc at its top (real MR's miscount:
     L1/L2 on T12/L1, L2/L3 on L1/L2's disc) has one step 1.37-1.49 times it, where the disc between was skipped."""
     mean = [0.0, 0.0, -35.0]
-    assert script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 0.75], [0.0, 0.0, -35.0 * 1.25]]), mean).all()
-    assert not script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 1.4], [0.0, 0.0, -35.0 * 0.6]]), mean).any()
+    assert script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 0.75], [0.0, 0.0, -35.0 * 1.25]]), mean, RANGE).all()
+    assert not script.plausible_steps(np.array([[0.0, 0.0, -35.0 * 1.4], [0.0, 0.0, -35.0 * 0.6]]), mean, RANGE).any()
     squeezed = [np.array([0.0, 0.0, z]) for z in (7.0, -34.0, -61.0, -113.0, -146.0)]  # steps 1.17, 0.77, 1.49, 0.94
-    assert script.chain_broken(squeezed, STEPS)
+    assert script.chain_broken(squeezed, STEPS, RANGE)
 
 
 def chains_of(factors, count=100):
@@ -343,7 +344,7 @@ def test_the_chains_step_range_widens_to_hold_the_labels_chains_within_its_limit
     longer, skipped = (
         [study.points[(condition, level)] for level in script.LEVELS] for study in chains_of([1.35, 1.8], count=2)
     )
-    assert script.chain_broken(longer, steps[condition])
+    assert script.chain_broken(longer, steps[condition], RANGE)
     assert not script.chain_broken(longer, steps[condition], bounds)
     assert script.chain_broken(skipped, steps[condition], bounds)
     localiser = types.SimpleNamespace(level_steps_mm=steps, chain_step_ranges={condition: list(bounds)})
@@ -425,8 +426,8 @@ def test_smoothed_presence_picks_the_middle_of_a_plateau_and_keeps_a_sharp_peak_
 def test_a_chain_that_cannot_be_made_is_none_and_a_wrong_way_step_is_broken():
     discs = [np.array([0.0, 0.0, -35.0 * level]) for level in range(5)]
     on_one_disc = [[(discs[0], 0.0)] for _ in range(5)]
-    assert script.best_chain(on_one_disc, STEPS) is None
-    assert script.chain_broken(discs[::-1], STEPS) and not script.chain_broken(discs, STEPS)
+    assert script.best_chain(on_one_disc, STEPS, RANGE) is None
+    assert script.chain_broken(discs[::-1], STEPS, RANGE) and not script.chain_broken(discs, STEPS, RANGE)
 
 
 def test_heatmap_candidates_offer_every_levels_peak_refined_and_scored_by_this_level():
