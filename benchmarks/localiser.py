@@ -53,10 +53,10 @@ def naive_localise(localiser, study):
     found = []
     for kind, volumes in study.volumes.items():
         for volume in volumes:
-            outputs, _ = script.predict_slices(localiser, volume, range(len(volume.images)))
+            seen = script.predict_slices(localiser, volume, range(len(volume.images)))
             for channel in script.KIND_CHANNELS[kind]:
-                index = int(np.argmax(outputs[:, channel, 2]))
-                found.append(script.point_on(volume, range(len(outputs)), outputs, index, channel, "naive", "l1_l2"))
+                index = int(np.argmax(seen.outputs[:, channel, 2]))
+                found.append(script.point_on(seen, index, channel, "naive", "l1_l2"))
     return found
 
 

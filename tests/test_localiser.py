@@ -211,9 +211,8 @@ def test_mixed_slices_always_round_trip_through_the_coordinates_reader(tmp_path_
     volume = a_stack(len(slice_presences))
     outputs = np.zeros((len(slice_presences), len(script.LOCALISER_CHANNELS), 3))
     outputs[:, 0] = [[0.5, 0.5, presence] for presence in slice_presences]
-    point = script.point_on(
-        volume, range(len(outputs)), outputs, chosen, 0, "spinal_canal_stenosis", "l1_l2", trust=trust
-    )
+    seen = script.SlicesSeen(volume, list(range(len(outputs))), outputs)
+    point = script.point_on(seen, chosen, 0, "spinal_canal_stenosis", "l1_l2", trust=trust)
     path = tmp_path_factory.mktemp("mixed") / "coordinates.csv"
     script.write_csv(script.localised_rows({"1": [point]}, mixed=True), path)
     read_back = script.read_coordinates(path)
@@ -295,9 +294,8 @@ def test_a_chain_the_chosen_slices_cannot_hold_is_looked_for_on_the_other_slices
         outputs = np.full((count, len(script.LOCALISER_CHANNELS), 3), 0.5)
         outputs[:, :, 2] = presence
         chains = []
-        points = script.chained_points(
-            localiser, volume, outputs, heatmaps, "spinal_canal_stenosis", chosen, candidates, chains
-        )
+        seen = script.SlicesSeen(volume, list(range(count)), outputs, heatmaps)
+        points = script.chained_points(localiser, seen, "spinal_canal_stenosis", chosen, candidates, chains)
         assert [point.index for point in points] == [found_on] * 5
         assert [point.y for point in points] == pytest.approx(ys, abs=1.0)
         assert chains == [("spinal_canal_stenosis", True, broken)]
@@ -365,11 +363,10 @@ def test_a_conditions_slices_are_chosen_jointly_with_the_lateral_steps_the_label
     steps = {"spinal_canal_stenosis": STEPS[:3] + [([8.0, 0.0, -35.0], [3.0, 3.0, 3.0])]}
     every = {level: range(12) for level in script.LEVELS}
     localiser = types.SimpleNamespace(level_steps_mm=steps)
-    chosen = script.chained_slices(localiser, stack, outputs, "spinal_canal_stenosis", every)
+    seen = script.SlicesSeen(types.SimpleNamespace(stack=stack), list(range(12)), outputs)
+    chosen = script.chained_slices(localiser, seen, "spinal_canal_stenosis", every)
     assert chosen == dict(zip(script.LEVELS, [5, 5, 5, 5, 7]))
-    alone = script.chained_slices(
-        types.SimpleNamespace(level_steps_mm=None), stack, outputs, "spinal_canal_stenosis", every
-    )
+    alone = script.chained_slices(types.SimpleNamespace(level_steps_mm=None), seen, "spinal_canal_stenosis", every)
     assert alone == dict(zip(script.LEVELS, [5, 5, 5, 5, 1]))
 
 
@@ -402,16 +399,19 @@ def test_a_level_moves_to_the_slice_its_anatomy_is_mirror_symmetric_about_where_
     outputs[9, channels[4], 2] = 0.5  # L5/S1: slice 9 more present than slice 8.
     outputs[6:11, channels[0], 2] = 0.01  # L1/L2: barely present around slice 8.
     chosen = dict.fromkeys(script.LEVELS, 5)
-    moved = script.symmetric_slices(symmetric_volume(8), outputs, "spinal_canal_stenosis", chosen)
-    assert moved == dict(zip(script.LEVELS, [5, 8, 8, 8, 8]))
-    moved = script.symmetric_slices(symmetric_volume(8.5), outputs, "spinal_canal_stenosis", chosen)
-    assert moved == dict(zip(script.LEVELS, [5, 8, 8, 8, 9]))
+
+    def moved(volume):
+        seen = script.SlicesSeen(volume, list(range(count)), outputs)
+        return script.symmetric_slices(seen, "spinal_canal_stenosis", chosen)
+
+    assert moved(symmetric_volume(8)) == dict(zip(script.LEVELS, [5, 8, 8, 8, 8]))
+    assert moved(symmetric_volume(8.5)) == dict(zip(script.LEVELS, [5, 8, 8, 8, 9]))
     flat = symmetric_volume(8)
     flat.images[:] = flat.images[0]  # Every slice alike: every centre as symmetric as the presence's pick.
-    assert script.symmetric_slices(flat, outputs, "spinal_canal_stenosis", chosen) == chosen
+    assert moved(flat) == chosen
     gap = symmetric_volume(8)
     gap.stack.positions[10:, 0] += 4.0  # One slice missing between slices 9 and 10: pairs by order are not mirrors.
-    assert script.symmetric_slices(gap, outputs, "spinal_canal_stenosis", chosen) == chosen
+    assert moved(gap) == chosen
 
 
 def test_smoothed_presence_picks_the_middle_of_a_plateau_and_keeps_a_sharp_peak_in_any_stack_order():

@@ -161,15 +161,17 @@ class CertainModel:
         return np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (sum(sizes), 1))
 
 
-def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path):
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path, mirrored):
     """Probabilities of exactly 0 become at least PREDICTION_FLOOR and still sum to 1; a short last batch is padded
-    so that the predict function sees one shape (traced once), and the padding's predictions are dropped."""
+    so that the predict function sees one shape (traced once), and the padding's predictions are dropped. Mirrored,
+    the model's own predict is given each batch with its mirror images (no wrapping model is traced per call)."""
     root = seed_layout(tmp_path / "data")
     images = script.load_test_table(root)["image_path"].tolist() * 3  # 6 images in batches of 4: 4 and 2.
     model = CertainModel()
-    options = type("Options", (), {"batch_size": 4, "workers": 1, "predict_mirrored": False})()
+    options = types.SimpleNamespace(batch_size=4, workers=1, predict_mirrored=mirrored)
     probabilities, predicted = script.predict_probabilities(model, images, options)
-    assert model.batch_sizes == [4, 4]
+    assert model.batch_sizes == ([8, 8] if mirrored else [4, 4])
     assert probabilities.shape == (6, 3) and predicted.all()
     assert probabilities.min() >= script.PREDICTION_FLOOR * 0.999
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
@@ -178,7 +180,7 @@ def test_predictions_are_never_exactly_0_and_every_batch_is_full(tmp_path):
 def test_a_crop_is_graded_as_the_mean_of_it_and_its_mirror_image(tmp_path):
     """--predict-mirrored: each crop's probabilities are the mean of the model's for it and for it mirrored (left
     and right swapped); --no-predict-mirrored: the model's own. The model here is not mirror-symmetric, so they
-    differ."""
+    differ. Graded study by study (Grader), as predict grades the hidden test, they are the same."""
     images = script.load_test_table(seed_layout(tmp_path / "data"))["image_path"].tolist()
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs)))
@@ -194,6 +196,9 @@ def test_a_crop_is_graded_as_the_mean_of_it_and_its_mirror_image(tmp_path):
     np.testing.assert_allclose(graded[True], script.floored(expected), atol=1e-5)
     np.testing.assert_allclose(graded[False], script.floored(model.predict(pixels, verbose=0)), atol=1e-5)
     assert np.abs(graded[True] - graded[False]).max() > 1e-3
+    for mirrored in (True, False):  # predict's study-by-study grading (Grader) grades them alike.
+        by_study = script.Grader([model], batch_size=3, mirrored=mirrored).probabilities(images)
+        np.testing.assert_allclose(by_study, graded[mirrored], atol=1e-5)
 
 
 class RecordingModel:
