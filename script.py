@@ -3744,8 +3744,8 @@ def localise_axial(localiser, study, sagittal):
     outputs = {}  # {(id(volume), slice index): output}: one call per volume, as a call costs a whole batch.
     for volume in {id(volume): volume for volume, _, _ in matches.values()}.values():
         indices = sorted({each for level, match in matches.items() if match[0] is volume for each in near[level]})
-        seen = predict_slices(localiser, volume, indices)
-        outputs.update({(id(volume), each): output for each, output in zip(seen.indices, seen.outputs)})
+        predicted = predict_slices(localiser, volume, indices).outputs
+        outputs.update({(id(volume), each): output for each, output in zip(indices, predicted)})
     found = []
     left, right = KIND_CHANNELS["recess"]
     for level, (volume, _, _) in matches.items():
