@@ -474,3 +474,45 @@ def test_a_small_competition_still_gets_its_minimum_of_training_slices_an_epoch(
         len(script.LocaliserBatches(studies, replace(few, localiser_min_slices_per_epoch=19), augment=True).items) == 20
     )
     assert len(script.LocaliserBatches(studies, few).items) == 2  # The statistics: one slice per study and kind.
+
+
+class BrightestSpotLocaliser:
+    """A stand-in predictor: every channel's point and heatmap peak at the brightest pixel of the middle slice."""
+
+    jit_compile = False
+
+    def predict_on_batch(self, images):
+        count, size = len(images), images.shape[1]
+        channels, cells = len(script.LOCALISER_CHANNELS), size // 4
+        outputs, heatmaps = np.zeros((count, channels, 3)), np.full((count, cells, cells, channels), -10.0)
+        for row, image in enumerate(images):
+            y, x = np.unravel_index(np.argmax(image[..., 1]), image.shape[:2])
+            outputs[row, :, :2] = script.to_unit(x, y, (size, size))
+            heatmaps[row, y // 4, x // 4] = 10.0
+        return [outputs, heatmaps]
+
+
+@pytest.mark.parametrize("zooms", [(1.0,), (0.9,), (1.15,), (0.9, 1.0, 1.1), (1.0, 1.15)])
+def test_zoomed_views_of_a_slice_are_mapped_back_onto_it_before_they_are_averaged(zooms):
+    """Each zoomed view's points and heatmaps land where the unzoomed view has them, so their average keeps a bright
+    spot anywhere on the slice; a spot near the edge that a magnified view loses is found by the other views."""
+    script.import_tensorflow()
+    size = 128
+    spots = [(20, 100), (64, 64), (110, 15), (2, 60)]
+    images = np.stack([bright_spot(size, x, y) for x, y in spots])
+    volume = types.SimpleNamespace(stack=None, images=images)
+    localiser = types.SimpleNamespace(predictor=BrightestSpotLocaliser())
+    seen = script.predict_slices(localiser, volume, range(len(spots)), zooms=zooms)
+    for row, (x, y) in enumerate(spots):
+        if zooms == (1.15,) and x < 8:  # Outside the only view: nothing to find it by.
+            continue
+        found = script.from_unit(*seen.outputs[row, 0, :2], (size, size))
+        assert np.hypot(found[0] - x, found[1] - y) < 3  # Within a heatmap cell (4 px): a map refines to its cells.
+        cell = np.unravel_index(np.argmax(seen.heatmaps[row, ..., 0]), seen.heatmaps.shape[1:3])
+        assert abs(cell[0] - y // 4) <= 1 and abs(cell[1] - x // 4) <= 1
+
+
+def bright_spot(size, x, y):
+    """A dark slice with one bright Gaussian spot, brightest at the pixel (x, y)."""
+    rows, columns = np.mgrid[:size, :size]
+    return (255 * np.exp(-((columns - x) ** 2 + (rows - y) ** 2) / 18.0)).astype(np.uint8)
