@@ -247,10 +247,6 @@ LOCALISER_WIDTH = 128  # channels of the head's feature pyramid
 LOCALISER_COORDINATE_LOSS_WEIGHT = 20.0
 LOCALISER_HEATMAP_SIGMA_CELLS = 1.0  # heatmap cells (stride 4): the Gaussian around a labelled point, the map's target
 LOCALISER_PEAK_WINDOW = 2  # heatmap cells (stride 4, so ±8 input px) around the peak that a found point averages over
-# Each slice is also seen zoomed by these factors about its centre (the training's zoom range), and the views are
-# mapped back and averaged (predict_slices). On real MR, folds 1 and 5: a small spine's top counted one disc up in 2 of
-# 10 builds, in none with them; two levels on one disc in 2 of 60 study builds, 1 with them (benchmarks/REAL_MR.md).
-LOCALISER_TEST_ZOOMS = (0.9, 1.0, 1.1)
 AXIAL_MATCH_MM = 5.0  # mm: an axial slice farther than this from a level's point is no match for it
 # The five levels of the canal (and of each side's foramina) are decoded as one chain: each level chooses among this
 # many places on its slice, jointly with the others, so that every step from one level down to the next is one the
@@ -3811,50 +3807,14 @@ def most_present(outputs, channel, candidates):
 LOCALISER_PREDICT_BATCH = 32  # slices per call: a sagittal stack (15-20 slices) in one
 
 
-def predict_slices(localiser, volume, indices, zooms=None):
-    """What the localiser sees on some slices of a volume (SlicesSeen), its presence logits made probabilities.
-
-    With several `zooms` (LOCALISER_TEST_ZOOMS), the mean of its views of each slice zoomed about the centre by each:
-    each view's heatmaps mapped back onto the slice and averaged where it covers the slice, the presences averaged,
-    and each point refined on the averaged map as the model refines its own (heatmap_candidates)."""
-    indices, zooms = list(indices), LOCALISER_TEST_ZOOMS if zooms is None else zooms
-    triplets = [triplet(volume, index) for index in indices]
-    views = [zoomed_view(localiser, triplets, zoom) for zoom in zooms]
-    if tuple(zooms) == (1.0,):
-        outputs, heatmaps, _ = views[0]
-        return SlicesSeen(volume, indices, outputs, heatmaps)
-    outputs = np.mean([view_outputs for view_outputs, _, _ in views], axis=0)
-    covered = sum(coverage for _, _, coverage in views)[..., None]
-    heatmaps = sum(maps * coverage[..., None] for _, maps, coverage in views) / np.maximum(covered, 1e-6)
-    heatmaps = np.where(covered > 1e-3, heatmaps, heatmaps.min(axis=(1, 2), keepdims=True))  # No view: no evidence.
-    for row, channel in np.ndindex(outputs.shape[:2]):
-        offered = heatmap_candidates(heatmaps[row], channel, (channel,), count=1)
-        if offered:
-            outputs[row, channel, :2] = offered[0][0]
-    return SlicesSeen(volume, indices, outputs, heatmaps)
-
-
-def zoomed_view(localiser, triplets, zoom):
-    """(outputs, heatmaps, coverage): the localiser's outputs on the slice triplets zoomed by `zoom`, their points
-    and heatmaps mapped back onto the unzoomed slices, and the share of each heatmap cell the view covers."""
-    images = localiser_input([zoomed(image, zoom) for image in triplets])
+def predict_slices(localiser, volume, indices):
+    """What the localiser sees on some slices of a volume (SlicesSeen), its presence logits made probabilities."""
+    indices = list(indices)
+    images = localiser_input([triplet(volume, index) for index in indices])
     outputs, heatmaps = predict_in_batches(localiser.predictor, images, LOCALISER_PREDICT_BATCH)
     outputs = np.asarray(outputs, np.float64)
     outputs[..., 2] = 1.0 / (1.0 + np.exp(-outputs[..., 2]))
-    if zoom == 1.0:
-        return outputs, heatmaps, np.ones(heatmaps.shape[1:3], np.float32)
-    outputs[..., :2] = 0.5 + (outputs[..., :2] - 0.5) / zoom
-    heatmaps = np.stack([zoomed(maps, 1.0 / zoom) for maps in np.asarray(heatmaps, np.float32)])
-    return outputs, heatmaps, zoomed(np.ones(heatmaps.shape[1:3], np.float32), 1.0 / zoom)
-
-
-def zoomed(image, zoom):
-    """An image (height, width[, channels]) zoomed by `zoom` about its centre (> 1 magnifies), zero beyond its edges."""
-    if zoom == 1.0:
-        return image
-    height, width = image.shape[:2]
-    matrix = np.float32([[zoom, 0, (1 - zoom) * (width - 1) / 2], [0, zoom, (1 - zoom) * (height - 1) / 2]])
-    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=0).reshape(image.shape)
+    return SlicesSeen(volume, indices, outputs, heatmaps)
 
 
 @dataclass(frozen=True)
