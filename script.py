@@ -125,7 +125,22 @@ def collector_paused():
 with collector_paused():
     import cv2
     import numpy as np
-    import pandas as pd
+
+
+@functools.cache
+def import_pandas():
+    """Import pandas into the script's globals. Run as `python script.py`, main imports it once it has started any
+    worker processes that decode DICOMs (start_decoding_workers), which need NumPy, OpenCV and pydicom but not
+    pandas: the parent imports pandas while they import pydicom, on two cores at once (prepare --workers 2 on 20
+    small studies: 1.51x as fast as one worker before, 1.64x after; benchmarks/README.md). Imported as a module (the
+    tests, the benchmarks) or pasted into a notebook, the script imports pandas at once, below."""
+    global pd
+    with collector_paused():
+        import pandas as pd
+
+
+if __name__ != "__main__" or in_notebook():
+    import_pandas()
 
 
 @functools.cache
@@ -1492,7 +1507,7 @@ def cut_crops(rows, images_dir, out_dir, crops_folder, crop_mm, crop_pixels, wor
     if tasks:
         if not images_dir.is_dir():
             raise InputError(f"{images_dir}: folder not found. Check --competition-dir.")
-        load_pydicom()
+        pydicom_for_workers()
     output_dir.mkdir(parents=True, exist_ok=True)
     refresh_crop_record(output_dir, crop_sources(tasks, crop_mm, crop_pixels))
     try:
@@ -1795,7 +1810,12 @@ def decoding_pool(workers):
     """Where DICOMs are decoded in parallel: `workers` processes, since pydicom holds Python's lock (threads gave
     about 1.2x at 2 workers). They are forked, so they need nothing importable (the script may be a notebook cell),
     and only read files and run NumPy and OpenCV, never TensorFlow. Threads where fork is missing (Windows; macOS
-    does not fork by default), and for one worker."""
+    does not fork by default), and for one worker. Processes that prepare started early (start_decoding_workers)
+    are taken as they are."""
+    global started_workers
+    if started_workers is not None and started_workers.workers == workers:
+        pool, started_workers = started_workers, None
+        return pool
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         findable_by_pickle()
         return DecodingProcesses(workers, mp_context=multiprocessing.get_context("fork"))
@@ -1814,12 +1834,53 @@ def findable_by_pickle():
             setattr(main, name, value)
 
 
+started_workers = None  # prepare's DecodingProcesses, started before pandas is imported; the next decoding_pool's
+
+
+def start_decoding_workers(command, options):
+    """Fork prepare's worker processes at once, before main imports pandas (import_pandas), each importing pydicom
+    meanwhile; the first decoding_pool takes them, and discard_started_workers ends them if none does. Only prepare's:
+    the commands that run a model import TensorFlow for seconds before they read any DICOM."""
+    global started_workers
+    if command == "prepare" and options.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        started_workers = decoding_pool(options.workers)
+        started_workers.pydicom_imports = [started_workers.submit(import_pydicom) for _ in range(options.workers)]
+
+
+def import_pydicom():
+    """load_pydicom in a worker process, which cannot send the module back."""
+    load_pydicom()
+
+
+def pydicom_for_workers():
+    """Have pydicom imported before the first job is sent: by the workers themselves where prepare started them early
+    (start_decoding_workers), or else once by the parent, so that the workers it forks next inherit it. Either way a
+    missing pydicom is one InputError."""
+    if started_workers is None:
+        load_pydicom()
+        return
+    for future in started_workers.pydicom_imports:
+        future.result()
+
+
+def discard_started_workers():
+    """End the workers that start_decoding_workers started and no decoding_pool took: the run stopped first."""
+    global started_workers
+    if started_workers is not None:
+        pool, started_workers = started_workers, None
+        pool.shutdown(cancel_futures=True)
+
+
 WORKER_STALL_SECONDS = 600  # one series or study a worker has not decoded in this long: it is stuck, not slow
 
 
 class DecodingProcesses(concurrent.futures.ProcessPoolExecutor):
     """Worker processes that, when the run stops with an error (result_of_worker), are stopped with it rather than
     waited for: a stuck worker must not keep the run from ending."""
+
+    def __init__(self, workers, **options):
+        super().__init__(workers, **options)
+        self.workers = workers
 
     def __exit__(self, kind, error, traceback):
         if kind is None:
@@ -4143,8 +4204,8 @@ class TrainingRun:
     options: argparse.Namespace
     settings: SeveritySettings
     localiser_settings: LocaliserSettings | None  # With a competition folder and --localiser-epochs > 0.
-    table: pd.DataFrame
-    test_table: pd.DataFrame | None  # None until a competition's test studies are prepared.
+    table: "pd.DataFrame"  # Quoted: run as a script, pandas is imported by main (import_pandas).
+    test_table: "pd.DataFrame | None"  # None until a competition's test studies are prepared.
     folds: list  # (training rows, validation rows) of each fold.
     weights: str | None  # What ResNet50 loads (resolve_weights),
     weights_source: str  # and where it comes from, in words.
@@ -4168,7 +4229,7 @@ class FoldResult:
     """What one fold leaves for the run's outputs."""
 
     model_path: Path
-    history: pd.DataFrame
+    history: "pd.DataFrame"  # Quoted, as TrainingRun's tables.
     validation_rows: np.ndarray  # The table rows it predicted (all of its validation rows but skipped images).
     validation_probabilities: np.ndarray
     test_probabilities: np.ndarray  # One row per test image.
@@ -5260,10 +5321,10 @@ class StudyPredictions:
     """One study's 25 rows and their probabilities; how many rows got their best constant, for want of a crop; and
     the points found (localised_rows, mixed)."""
 
-    row_ids: pd.Series
+    row_ids: "pd.Series"  # Quoted, as TrainingRun's tables.
     probabilities: np.ndarray
     shares: np.ndarray  # of each row's prediction, from its crops; the rest is its best constant (row_probabilities)
-    points: pd.DataFrame
+    points: "pd.DataFrame"
     unread_files: list  # missing or undecodable DICOMs that a crop needed
 
 
@@ -5555,6 +5616,8 @@ def main(argv=None):
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, stop_at_batch_end_on_interrupt) if in_main_thread else None
     try:
+        start_decoding_workers(command, options)
+        import_pandas()
         return run_command(command, options)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -5572,6 +5635,7 @@ def main(argv=None):
         )
         return 130
     finally:
+        discard_started_workers()
         interrupt_requested.clear()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)

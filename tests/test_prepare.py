@@ -268,6 +268,26 @@ def test_missing_pydicom_raises_input_error(monkeypatch, competition, tmp_path):
         prepare(competition, tmp_path / "seed")
 
 
+def test_prepare_workers_started_before_pandas_say_once_that_pydicom_is_missing(
+    monkeypatch, competition, tmp_path, capsys
+):
+    """The command forks its workers first (start_decoding_workers) and they import pydicom: its absence is still one
+    error line and exit code 2, and no worker is left running."""
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    argv = ["prepare", "--competition-dir", str(competition.root), "--out-dir", str(tmp_path / "out"), "--workers", "2"]
+    assert P.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: reading DICOM files needs pydicom") and message.count("\n") == 1
+    assert P.started_workers is None and not P.multiprocessing.active_children()
+
+
+def test_prepare_workers_started_early_end_with_a_run_that_stops_before_reading(tmp_path, capsys):
+    argv = ["prepare", "--competition-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out")]
+    assert P.main([*argv, "--workers", "2"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert P.started_workers is None and not P.multiprocessing.active_children()
+
+
 def test_coordinates_accept_snake_case_and_pick_duplicates_by_position_not_row_order(tmp_path):
     rows = [
         (7, 70, 9, "Spinal Canal Stenosis", "L1/L2", 1.0, 2.0),
