@@ -151,7 +151,7 @@ def import_tensorflow():
     commands that run a model import them (run_command: train, predict, localise, prepare --localiser), and prepare,
     score and --help start without. Code that calls the script's Keras functions directly (the tests, the benchmarks)
     calls this first. The Keras subclasses stay in their chapters, each chapter's defined by one function called here,
-    once their base classes exist.
+    once their base classes exist; then the devices are found, quietly (initialise_devices).
     """
     global GroupKFold, StratifiedGroupKFold, confusion_matrix, keras, layers, precision_recall_fscore_support
     global sklearn, tf
@@ -170,6 +170,7 @@ def import_tensorflow():
     define_localiser_batches()
     define_localiser_layers()
     define_image_batches()
+    initialise_devices()
 
 
 # OpenCV's own thread pool does not survive fork(): a forked worker (decoding_pool) that inherits it can wait forever
@@ -2265,8 +2266,8 @@ def choose_strategy(name):
 
 
 def initialise_devices():
-    """Find the devices once, quietly: on a machine without a GPU, TensorFlow's first look prints an error line
-    (E0000 ... failed call to cuInit) that only says there is no GPU."""
+    """Find the devices once, quietly (import_tensorflow): on a machine without a GPU, TensorFlow's first look prints
+    an error line (E0000 ... failed call to cuInit) that only says there is no GPU."""
     with native_stderr_silenced():
         tf.config.list_physical_devices()
 
@@ -2882,12 +2883,18 @@ LOCALISER_CHANNELS = (
     ("right_subarticular_stenosis", None),
 )
 KIND_CHANNELS = {"canal": range(0, 5), "foramen": range(5, 10), "recess": range(10, 12)}
+
 # The conditions whose five levels are decoded as a chain, one point per level on a sagittal series.
 CHAIN_CONDITIONS = ("spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing")
 # The localiser's training targets, per slice and channel (slice_targets): these fields, in this order; x and y are
 # normalised to [0, 1] across the slice.
 TARGET_FIELDS = ("x", "y", "coordinate_mask", "presence", "presence_mask")
 X, Y, COORDINATE_MASK, PRESENCE, PRESENCE_MASK = range(len(TARGET_FIELDS))
+
+
+def level_channels(condition):
+    """{level: its localiser output channel} for a condition decoded as a chain (CHAIN_CONDITIONS)."""
+    return dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
 
 
 def to_unit(x, y, shape):
@@ -3523,7 +3530,7 @@ def level_presence(seen, condition):
     """{level: its presence on each slice of the stack, smoothed across slices (smoothed_presence)} for a condition's
     levels, from the localiser's outputs on every slice (every_slice_seen)."""
     along = seen.stack.positions @ seen.stack.normal
-    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    channels = level_channels(condition)
     return {level: smoothed_presence(seen.outputs[:, channels[level], 2], along) for level in LEVELS}
 
 
@@ -3550,7 +3557,7 @@ def symmetric_slices(seen, condition, chosen):
     SYMMETRY_REACH_MM); a centre needs all its pairs in the stack and the level present there (SYMMETRY_PRESENCE_FLOOR).
     A halfway centre goes to the more present of its two slices. Slices are paired by their order, so a stack whose
     slices are not evenly spaced (a gap, a repeated position) keeps its slices, as does one too thin to pair."""
-    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    channels = level_channels(condition)
     volume, stack = seen.volume, seen.stack
     along, spacing = stack.positions @ stack.normal, stack.slice_spacing  # along rises: stacks are sorted by it
     reach = max(1, round(SYMMETRY_REACH_MM / spacing)) if spacing > 0 else 0
@@ -3613,7 +3620,7 @@ def chained_points(localiser, seen, condition, chosen, candidates, chains=None):
     without all five levels, each level takes its own heatmap's peak.
 
     With a list `chains`, records (condition, whether the peaks alone broke the chain, whether the chain does)."""
-    channels = dict(zip(LEVELS, KIND_CHANNELS[CONDITION_KIND[condition]]))
+    channels = level_channels(condition)
     peaks = [point_on(seen, index, channels[level], condition, level) for level, index in chosen.items()]
     steps = (localiser.level_steps_mm or {}).get(condition)
     if steps is None or len(chosen) < len(LEVELS):
@@ -3651,7 +3658,7 @@ def chain_places(seen, condition, slices):
     the chosen slices, and in 5 with L5/S1, which the presence sees, chained over every slice too:
     benchmarks/REAL_MR.md.)"""
     kind_channels = KIND_CHANNELS[CONDITION_KIND[condition]]
-    channels = dict(zip(LEVELS, kind_channels))
+    channels = level_channels(condition)
     places = {level: [] for level in LEVELS}
     for level in LEVELS:
         for index in slices.get(level, ()):
@@ -5571,7 +5578,6 @@ def run_command(command, options):
     """Dispatch to one command. TensorFlow is imported only for a command that runs a model."""
     if command in ("train", "predict", "localise"):
         import_tensorflow()
-        initialise_devices()
     if command in ("train", "predict"):
         options.data_dir = resolve_data_dir(options.data_dir, command)
         options.output_dir = resolve_output_dir(options.output_dir)

@@ -4,6 +4,9 @@ run; `localise` writes train_label_coordinates.csv's format; and localise → pr
 every test study, at the points it found."""
 
 import json
+import os
+import subprocess
+import sys
 import types
 from dataclasses import replace
 
@@ -172,6 +175,26 @@ def test_localise_command_writes_the_same_points(competition, trained, tmp_path)
     points = pd.read_csv(out)
     assert list(points.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
     assert len(points) > 0 and not points.duplicated(["study_id", "condition", "level"]).any()
+
+
+def test_prepare_with_a_localiser_prints_no_tensorflow_device_line(competition, trained, tmp_path):
+    """prepare --localiser runs a model, as localise does: TensorFlow's first look for a GPU (E0000 ... failed call
+    to cuInit, on a machine without one) is kept out of stderr, where it used to be the only line."""
+    command = [
+        sys.executable,
+        script.__file__,
+        "prepare",
+        "--competition-dir",
+        str(competition.root),
+        "--split",
+        "test",
+    ]
+    command += ["--out-dir", str(tmp_path / "prepared"), "--localiser", str(trained / "localiser.keras")]
+    environment = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stderr == ""
+    assert (tmp_path / "prepared" / "test_coordinates.csv").is_file()
 
 
 def test_a_found_points_severity_mixes_its_slice_and_the_neighbours_as_present_as_it():
