@@ -131,9 +131,9 @@ with collector_paused():
 def import_pandas():
     """Import pandas into the script's globals. Run as `python script.py`, main imports it once it has started any
     worker processes that decode DICOMs (start_decoding_workers), which need NumPy, OpenCV and pydicom but not
-    pandas: the parent imports pandas while they import pydicom, on two cores at once (prepare --workers 2 on 20
-    small studies: 1.51x as fast as one worker before, 1.64x after; benchmarks/README.md). Imported as a module (the
-    tests, the benchmarks) or pasted into a notebook, the script imports pandas at once, below."""
+    pandas: the parent imports pandas while they import pydicom, on two cores at once (prepare --workers 2 on four
+    20-study competitions: 1.49-1.66x as fast as one worker before, 1.61-1.71x after; benchmarks/README.md). Imported
+    as a module (the tests, the benchmarks) or pasted into a notebook, the script imports pandas at once, below."""
     global pd
     with collector_paused():
         import pandas as pd
@@ -2883,7 +2883,6 @@ LOCALISER_CHANNELS = (
     ("right_subarticular_stenosis", None),
 )
 KIND_CHANNELS = {"canal": range(0, 5), "foramen": range(5, 10), "recess": range(10, 12)}
-
 # The conditions whose five levels are decoded as a chain, one point per level on a sagittal series.
 CHAIN_CONDITIONS = ("spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing")
 # The localiser's training targets, per slice and channel (slice_targets): these fields, in this order; x and y are
