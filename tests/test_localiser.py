@@ -180,16 +180,9 @@ def test_localise_command_writes_the_same_points(competition, trained, tmp_path)
 def test_prepare_with_a_localiser_prints_no_tensorflow_device_line(competition, trained, tmp_path):
     """prepare --localiser runs a model, as localise does: TensorFlow's first look for a GPU (E0000 ... failed call
     to cuInit, on a machine without one) is kept out of stderr, where it used to be the only line."""
-    command = [
-        sys.executable,
-        script.__file__,
-        "prepare",
-        "--competition-dir",
-        str(competition.root),
-        "--split",
-        "test",
-    ]
-    command += ["--out-dir", str(tmp_path / "prepared"), "--localiser", str(trained / "localiser.keras")]
+    command = [sys.executable, script.__file__, "prepare", "--competition-dir", str(competition.root)]
+    command += ["--split", "test", "--out-dir", str(tmp_path / "prepared")]
+    command += ["--localiser", str(trained / "localiser.keras")]
     environment = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert completed.returncode == 0, completed.stderr[-2000:]

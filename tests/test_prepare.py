@@ -282,6 +282,7 @@ def test_prepare_workers_started_before_pandas_say_once_that_pydicom_is_missing(
 
 
 def test_prepare_workers_started_early_end_with_a_run_that_stops_before_reading(tmp_path, capsys):
+    """A run refused before any DICOM is read (no such folder) ends the workers it forked at its start."""
     argv = ["prepare", "--competition-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out")]
     assert P.main([*argv, "--workers", "2"]) == 2
     assert "nowhere" in capsys.readouterr().err
