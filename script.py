@@ -1845,7 +1845,7 @@ def start_decoding_workers(command, options):
     global started_workers
     if command == "prepare" and options.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         started_workers = decoding_pool(options.workers)
-        started_workers.pydicom_imports = [started_workers.submit(import_pydicom) for _ in range(options.workers)]
+        started_workers.start_pydicom_imports()
 
 
 def import_pydicom():
@@ -1882,6 +1882,11 @@ class DecodingProcesses(concurrent.futures.ProcessPoolExecutor):
     def __init__(self, workers, **options):
         super().__init__(workers, **options)
         self.workers = workers
+        self.pydicom_imports = []  # import_pydicom's futures, one a worker
+
+    def start_pydicom_imports(self):
+        """Have each worker import pydicom now, in parallel with what the parent does meanwhile."""
+        self.pydicom_imports = [self.submit(import_pydicom) for _ in range(self.workers)]
 
     def __exit__(self, kind, error, traceback):
         if kind is None:
