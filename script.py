@@ -248,6 +248,9 @@ LOCALISER_LABELLED_SHARE = 0.5  # of those, drawn at or next to a labelled slice
 LOCALISER_BATCH_SIZE = 8  # slices per step
 LOCALISER_LEARNING_RATE = 1e-3  # Adam; warmed up over the first epoch, then cosine-decayed
 LOCALISER_FINAL_LEARNING_RATE = 0.1  # the cosine decay's end, as a share of LOCALISER_LEARNING_RATE
+# The localiser keeps the mean of its weights over this share of its last epochs (rounded up; then BatchNormalization is
+# recalibrated), not the last epoch's: the end of the cosine decay wanders less, averaged (benchmarks/REAL_MR.md).
+LOCALISER_AVERAGED_SHARE = 0.25
 LOCALISER_AUGMENTATION = dict(rotation_range=10, width_shift_range=0.08, height_shift_range=0.08, zoom_range=0.1)
 # What scanners and sequences change, drawn for LOCALISER_INTENSITY_SHARE of the training slices: a gamma (log-uniform
 # in the range), a contrast factor about the mean, a smooth multiplicative bias field (its log's standard deviation), a
@@ -385,6 +388,7 @@ class LocaliserSettings:
     localiser_batch_size: int
     localiser_learning_rate: float
     localiser_final_learning_rate: float
+    localiser_averaged_share: float
     localiser_augmentation: dict
     localiser_intensity_augmentation: dict
     localiser_intensity_share: float
@@ -2383,6 +2387,8 @@ class Progress:
     history: list = field(default_factory=list)  # One row per finished epoch: phase, epoch and the logs.
     best_val_loss: float | None = None
     best_file: str | None = None  # The best epoch's weights (without validation: the latest epoch's).
+    averaged_file: str | None = None  # The mean of the weights of the epochs averaged so far (the localiser's).
+    averaged_epochs: int = 0
     backup_file: str | None = None  # The model and optimizer after the last finished epoch of an unfinished phase.
     backup_epoch: int | None = None
     done: bool = False  # Trained, and what it leaves for the run saved.
@@ -2503,15 +2509,15 @@ def learning_rate_schedule(learning_rate, steps_per_epoch, epochs, final_share):
     )
 
 
-def run_phase(model, batches, phase, first_epoch, end_epoch, state):
+def run_phase(model, batches, phase, first_epoch, end_epoch, state, average_from=None):
     """fit() for one phase, resuming after its last finished epoch; names an image that breaks mid-run.
 
     batches: (training, validation or None, BatchNormalization statistics or None: then the caller recalibrates
-    once, at the end)."""
+    once, at the end). average_from: the first epoch (counted from 1) whose weights go into the phase's mean."""
     train_batches, validation_batches, statistics_batches = batches
     resume_epoch = restore_backup(model, state, phase, first_epoch)
     train_batches.start_epoch(resume_epoch)
-    callbacks = [EpochHeader(), SaveProgress(phase, end_epoch, state), StopOnInterrupt()]
+    callbacks = [EpochHeader(), SaveProgress(phase, end_epoch, state, average_from), StopOnInterrupt()]
     if statistics_batches is not None and learning_batch_normalizations(model):
         callbacks.insert(0, RecalibrateBatchNormalization(statistics_batches))  # First: before the epoch is saved.
     try:
@@ -2535,8 +2541,13 @@ def run_phase(model, batches, phase, first_epoch, end_epoch, state):
 def restore_best_weights(model, state):
     """Load the best epoch's weights (without a validation set, the latest epoch's)."""
     if state.best_file:
-        with np.load(state.path(state.best_file)) as saved:
-            model.set_weights([saved[f"arr_{index}"] for index in range(len(saved.files))])
+        model.set_weights(saved_weights(state.path(state.best_file)))
+
+
+def saved_weights(path):
+    """The weights np.savez saved, in order."""
+    with np.load(path) as saved:
+        return [saved[f"arr_{index}"] for index in range(len(saved.files))]
 
 
 def restore_backup(model, state, phase, first_epoch):
@@ -2584,14 +2595,14 @@ def define_training_callbacks():
 
     class SaveProgress(keras.callbacks.Callback):
         """After every epoch, saves what a resumed run needs: the best weights so far (by validation loss; without a
-        validation set, the latest), the history, and a backup of the model and optimizer to continue the phase
-        from; after a phase's last epoch, the mark that it is finished instead. Each file gets a new name, and
-        state.json, written last and atomically, says which are current: a SIGKILL at any moment leaves a
-        consistent state."""
+        validation set, the latest), from epoch average_from on the mean of the epochs' weights, the history, and a
+        backup of the model and optimizer to continue the phase from; after a phase's last epoch, the mark that it
+        is finished instead. Each file gets a new name, and state.json, written last and atomically, says which are
+        current: a SIGKILL at any moment leaves a consistent state."""
 
-        def __init__(self, phase, end_epoch, state):
+        def __init__(self, phase, end_epoch, state, average_from=None):
             super().__init__()
-            self.phase, self.end_epoch, self.state = phase, end_epoch, state
+            self.phase, self.end_epoch, self.state, self.average_from = phase, end_epoch, state, average_from
 
         def on_epoch_end(self, epoch, logs=None):
             state = self.state
@@ -2605,6 +2616,11 @@ def define_training_callbacks():
                 superseded.append(state.best_file)
                 state.best_val_loss, state.best_file = row.get("val_loss"), f"best-epoch{epoch + 1}.npz"
                 write_atomically(state.path(state.best_file), lambda path: np.savez(path, *self.model.get_weights()))
+            if self.average_from is not None and epoch + 1 >= self.average_from:
+                superseded.append(state.averaged_file)
+                mean = averaged_weights(self.model.get_weights(), state)
+                state.averaged_epochs, state.averaged_file = state.averaged_epochs + 1, f"averaged-epoch{epoch + 1}.npz"
+                write_atomically(state.path(state.averaged_file), lambda path: np.savez(path, *mean))
             if epoch + 1 == self.end_epoch:
                 state.backup_file = state.backup_epoch = None
                 state.finished_phases.append(self.phase)
@@ -2613,7 +2629,7 @@ def define_training_callbacks():
                 write_atomically(state.path(state.backup_file), self.model.save_weights)  # With the optimizer.
             state.save()
             for name in superseded:
-                if name and name not in (state.best_file, state.backup_file):
+                if name and name not in (state.best_file, state.averaged_file, state.backup_file):
                     state.path(name).unlink(missing_ok=True)
 
     class RecalibrateBatchNormalization(keras.callbacks.Callback):
@@ -2638,6 +2654,16 @@ def define_training_callbacks():
             if not self.done:
                 recalibrate_batch_normalization(self.model, self.batches)
                 self.done = True
+
+
+def averaged_weights(weights, state):
+    """The running mean of the weights of the epochs averaged so far (state.averaged_file) and this epoch's."""
+    if not state.averaged_file:
+        return weights
+    count = state.averaged_epochs
+    return [
+        mean + (new - mean) / (count + 1) for mean, new in zip(saved_weights(state.path(state.averaged_file)), weights)
+    ]
 
 
 def learning_batch_normalizations(model):
@@ -3344,14 +3370,15 @@ def fit_localiser(studies, settings, options, progress):
     rate, epochs = settings.localiser_learning_rate, settings.localiser_epochs
     schedule = learning_rate_schedule(rate, len(batches), epochs, settings.localiser_final_learning_rate)
     trainer.compile(optimizer=keras.optimizers.Adam(schedule), loss=[localiser_loss, heatmap_loss])
+    averaged = max(1, math.ceil(settings.localiser_averaged_share * epochs))
     if 1 not in progress.finished_phases:
         print(
             f"localiser: {len(studies)} studies, {len(batches.items)} slices an epoch, {settings.localiser_epochs} "
             f"epochs at {settings.localiser_image_size} px, learning rate {settings.localiser_learning_rate:g} "
-            "(warm-up, then cosine decay)"
+            f"(warm-up, then cosine decay), keeping the mean of the last {averaged} epochs' weights"
         )
-        run_phase(trainer, (batches, None, None), 1, 0, settings.localiser_epochs, progress)
-    restore_best_weights(trainer, progress)  # Without validation: the last epoch's.
+        run_phase(trainer, (batches, None, None), 1, 0, epochs, progress, average_from=epochs - averaged + 1)
+    trainer.set_weights(saved_weights(progress.path(progress.averaged_file)))
     if learning_batch_normalizations(model):
         statistics = LocaliserBatches(studies, settings, options.seed + 1, workers=options.workers)
         recalibrate_batch_normalization(model, statistics)
@@ -5792,6 +5819,7 @@ SETTING_OPTIONS = {
     "localiser_batch_size": (positive_int, "the localiser's slices per step"),
     "localiser_learning_rate": (positive_number, "the localiser's Adam rate"),
     "localiser_final_learning_rate": (share, "the localiser's rate decays to this share of it"),
+    "localiser_averaged_share": (share, "the share of its last epochs whose weights the localiser keeps the mean of"),
     "localiser_intensity_share": (share, "the share of its slices whose intensities are varied"),
     "localiser_width": (positive_int, "channels of the localiser's feature pyramid"),
     "localiser_coordinate_loss_weight": (positive_number, "its coordinates' weight in its loss, against presence"),

@@ -18,6 +18,7 @@ import time
 import types
 
 import keras
+import numpy as np
 import pandas as pd
 import pytest
 import synthetic
@@ -202,6 +203,24 @@ def test_resume_position_names_fold_phase_and_epoch(tmp_path):
     in_phase_two.backup_epoch = 4
     in_phase_two.save()
     assert script.resume_position(tmp_path, settings, 3) == "fold 2, phase 2, epoch 5"
+
+
+def test_the_mean_of_the_last_epochs_weights_is_kept_across_a_kill_and_resume(tmp_path):
+    """From epoch average_from on, each epoch's weights join a running mean saved beside the state; a run killed after
+    an epoch and resumed from state.json goes on from the mean it recorded, and superseded means are removed."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    state = script.Progress.load(tmp_path / "localiser")
+    for epoch, value in enumerate([1.0, 2.0, 3.0, 7.0]):
+        if epoch == 2:  # Killed after epoch 2: a new process reads the saved state.
+            state = script.Progress.load(tmp_path / "localiser")
+        saver = script.SaveProgress(1, 4, state, average_from=2)
+        saver.set_model(model)
+        model.set_weights([np.full(weights.shape, value, weights.dtype) for weights in model.get_weights()])
+        saver.on_epoch_end(epoch, {"loss": 1.0})
+    assert state.averaged_epochs == 3 and state.averaged_file == "averaged-epoch4.npz"
+    mean = script.saved_weights(state.path(state.averaged_file))
+    assert all(np.allclose(weights, (2.0 + 3.0 + 7.0) / 3) for weights in mean)
+    assert sorted(path.name for path in state.fold_dir.glob("averaged-*")) == ["averaged-epoch4.npz"]
 
 
 @pytest.mark.parametrize(
