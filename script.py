@@ -3380,8 +3380,10 @@ def fit_localiser(studies, settings, options, progress):
             "(warm-up, then cosine decay)"
             + (f", keeping the mean of the last {averaged} epochs' weights" if averaged > 1 else "")
         )
-        run_phase(trainer, (batches, None, None), 1, 0, epochs, progress, average_from=epochs - averaged + 1)
-    trainer.set_weights(saved_weights(progress.path(progress.averaged_file)))
+        average_from = epochs - averaged + 1 if averaged > 1 else None
+        run_phase(trainer, (batches, None, None), 1, 0, epochs, progress, average_from)
+    # Without validation, the best epoch is the last.
+    trainer.set_weights(saved_weights(progress.path(progress.averaged_file or progress.best_file)))
     if learning_batch_normalizations(model):
         statistics = LocaliserBatches(studies, settings, options.seed + 1, workers=options.workers)
         recalibrate_batch_normalization(model, statistics)
